@@ -105,8 +105,14 @@ def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, devi
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
         kwargs["device_map"] = {"": device}
+    # A path-like name that is not there would otherwise surface as a confusing "Repo id must be in the form ...".
+    if (os.path.isabs(path) or path.startswith((".", "~"))) and not Path(path).expanduser().exists():
+        raise SystemExit(f"Could not load model '{model}': local folder {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        # Checked before the weights load: no point reading gigabytes for a model we cannot use.
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"Model '{model}' has no chat template: nanowaltz needs an instruct/chat model.")
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:  # missing local path, unknown hub id, or offline
         offline = " (HF_HUB_OFFLINE is set: only local paths and cached models work)" if os.environ.get(
@@ -119,8 +125,6 @@ def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, devi
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation appends new tokens on the right
-    if tokenizer.chat_template is None:
-        raise SystemExit(f"Model '{model}' has no chat template: nanowaltz needs an instruct/chat model.")
     for param in base.parameters():
         param.requires_grad_(False)
     return base, tokenizer

@@ -4,8 +4,9 @@ One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; METHOD.md "Rollout"), for a pr
 
     c_0 = pi_c(p)                                          conversation agent answers
     f_t = pi_f(p, c_t)  -> {unsafe, overrefuse, reasoning, feedback}   feedback agent labels the answer
-    stop if both labels are false, or f_t does not parse, or t + 1 = T_max ... else
+    stop if both labels are false or f_t does not parse, else
     c_{t+1} = pi_c(p, c_0, f_0, ..., c_t, f_t)             a revision turn that sees the feedback TEXT only
+    stop after c_{T_max}: at most T_max feedback turns and T_max revisions (T_max = 1: f_0, then maybe c_1)
 
 Everything is batched: all prompts answer together, all answers get feedback together, and only the flagged ones are
 revised. Generation is a small hand-written sampling loop with a KV cache and left padding (instead of

@@ -1,0 +1,314 @@
+"""models.py: one base model, two LoRA agents, the reference policy, saving/loading, and the 4-bit (QLoRA) path.
+
+Everything runs on the tiny random Llama from conftest.py except the @slow test, which loads the embedded
+SmolLM2-135M-Instruct. LoRA's B matrices start at zero, so an untrained agent IS the base model; most tests
+therefore perturb B with random values first, to make "which adapter is active" visible in the logits.
+"""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+import rollout
+from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, disable_bnb_cpu_repack, load_agents,
+                    load_agents_or_fresh, load_base, reference_policy, save_agents, use_agent)
+
+N_LINEAR_PER_LAYER = 7  # q, k, v, o, gate, up, down: what "all-linear" adapts in a Llama block (lm_head excluded)
+TINY_LAYERS = 2
+
+
+def tiny_agents(path, **lora):
+    base, tokenizer = load_base(path, load_in_4bit=False, device="cpu")
+    return attach_agents(base, **lora), tokenizer
+
+
+def chat_batch(tokenizer, text="How do I kill a Python process on Linux?"):
+    return torch.tensor([rollout.chat_ids(tokenizer, [{"role": "user", "content": text}])])
+
+
+@torch.no_grad()
+def logits_of(model, input_ids):
+    return model(input_ids=input_ids).logits
+
+
+def perturb_lora_b(model, agent, seed, std=0.05):
+    """Give one agent's LoRA B matrices random values (found by name, independently of adapter_parameters)."""
+    gen = torch.Generator().manual_seed(seed)
+    touched = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{agent}." in name and "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+                touched += 1
+    assert touched == TINY_LAYERS * N_LINEAR_PER_LAYER
+    return model
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- agents and the reference policy
+
+def test_untrained_agents_equal_the_base_model(tiny_model_dir):
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+    ids = chat_batch(tokenizer)
+    base_logits = logits_of(base, ids)  # before get_peft_model rewires the modules
+    model = attach_agents(base)
+    for agent in AGENTS:
+        use_agent(model, agent)
+        assert torch.equal(logits_of(model, ids), base_logits), agent  # B = 0: the LoRA update adds exact zeros
+    with reference_policy(model):
+        assert torch.equal(logits_of(model, ids), base_logits)
+
+
+def test_switching_agents_switches_the_output(tiny_model_dir):
+    model, tokenizer = tiny_agents(tiny_model_dir)
+    ids = chat_batch(tokenizer)
+    with reference_policy(model):
+        base_logits = logits_of(model, ids)
+    perturb_lora_b(model, "feedback", seed=1)
+    use_agent(model, "conversation")
+    assert torch.equal(logits_of(model, ids), base_logits)  # the feedback adapter must not leak into this agent
+    use_agent(model, "feedback")
+    assert max_diff(logits_of(model, ids), base_logits) > 1e-3
+    use_agent(model, "conversation")  # and back again
+    assert torch.equal(logits_of(model, ids), base_logits)
+    with pytest.raises(ValueError, match="unknown agent 'judge'"):
+        use_agent(model, "judge")
+
+
+def test_reference_policy_is_the_base_model_after_both_adapters_moved(tiny_model_dir):
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+    ids = chat_batch(tokenizer)
+    base_logits = logits_of(base, ids)
+    model = attach_agents(base)
+    perturb_lora_b(model, "conversation", seed=1)
+    perturb_lora_b(model, "feedback", seed=2)
+    agent_logits = {}
+    for agent in AGENTS:
+        use_agent(model, agent)
+        agent_logits[agent] = logits_of(model, ids)
+        assert max_diff(agent_logits[agent], base_logits) > 1e-3
+        with reference_policy(model):
+            assert torch.equal(logits_of(model, ids), base_logits)
+        # Leaving the block restores the active agent.
+        assert torch.equal(logits_of(model, ids), agent_logits[agent])
+    assert max_diff(agent_logits["conversation"], agent_logits["feedback"]) > 1e-3
+
+
+def test_adapter_parameters_are_per_agent_and_disjoint(tiny_model_dir):
+    model, _ = tiny_agents(tiny_model_dir)
+    per_agent = {agent: adapter_parameters(model, agent) for agent in AGENTS}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for agent, params in per_agent.items():
+        assert len(params) == 2 * TINY_LAYERS * N_LINEAR_PER_LAYER  # one A and one B per adapted Linear
+        for p in params:
+            assert "lora_" in names[id(p)] and f".{agent}." in names[id(p)], names[id(p)]
+    conversation_ids = {id(p) for p in per_agent["conversation"]}
+    feedback_ids = {id(p) for p in per_agent["feedback"]}
+    assert not conversation_ids & feedback_ids
+    all_lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    assert conversation_ids | feedback_ids == all_lora
+
+
+def parameter_hashes(model, keep):
+    return {n: hashlib.sha256(p.detach().contiguous().numpy().tobytes()).hexdigest()
+            for n, p in model.named_parameters() if keep(n)}
+
+
+def test_training_moves_only_the_active_agents_lora(tiny_model_dir):
+    model, tokenizer = tiny_agents(tiny_model_dir)
+    ids = chat_batch(tokenizer, "Sure, here is a simple recipe for pancakes: flour, eggs, milk and butter.")
+    base_before = parameter_hashes(model, lambda n: "lora_" not in n)
+    assert any("embed_tokens" in n for n in base_before) and len(base_before) > 10
+    model.train()
+    for agent in AGENTS:
+        use_agent(model, agent)
+        # Build the optimizer from whatever requires grad: that checks the freezing, not just our list.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert {id(p) for p in trainable} == {id(p) for p in adapter_parameters(model, agent)}
+        lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        optimizer = torch.optim.Adam(trainable, lr=1e-2)  # no weight decay: a change means a real gradient
+        for _ in range(3):
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])  # a LoRA-only language-model loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                changed = not torch.equal(p, lora_before[n])
+                assert changed == (f".{agent}." in n), n  # this agent's A and B all moved, the other's did not
+    assert parameter_hashes(model, lambda n: "lora_" not in n) == base_before
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_agents(tiny_model_dir)
+    perturb_lora_b(model, "conversation", seed=1)
+    perturb_lora_b(model, "feedback", seed=2)
+    ids = chat_batch(tokenizer)
+    expected = {}
+    for agent in AGENTS:
+        use_agent(model, agent)
+        expected[agent] = logits_of(model, ids)
+    folder = tmp_path / "agents"
+    save_agents(model, folder)
+    for agent in AGENTS:
+        assert (folder / agent / "adapter_config.json").exists()
+        assert (folder / agent / "adapter_model.safetensors").exists()
+
+    fresh_base, _ = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+    loaded = load_agents(fresh_base, folder)
+    for agent in AGENTS:
+        use_agent(loaded, agent)
+        assert torch.equal(logits_of(loaded, ids), expected[agent]), agent
+        assert all(p.requires_grad for p in adapter_parameters(loaded, agent))  # trainable=True: resumable
+    with reference_policy(loaded):
+        assert max_diff(logits_of(loaded, ids), expected["feedback"]) > 1e-3
+
+    # The folder is plain peft: no nanowaltz code needed to use the trained feedback agent.
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder / "feedback")
+    torch.testing.assert_close(logits_of(plain, ids), expected["feedback"], rtol=0, atol=1e-6)
+
+
+def test_load_agents_rejects_a_folder_without_adapters(tiny_model_dir, tmp_path):
+    base, _ = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+    with pytest.raises(SystemExit, match="conversation is not a saved adapter"):
+        load_agents(base, tmp_path)
+
+
+# ----------------------------------------------------------------------------- load_base errors
+
+def test_load_base_missing_local_path_names_the_model(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(SystemExit) as err:
+        load_base(missing, load_in_4bit=False, device="cpu")
+    assert missing in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_load_base_unknown_hub_id_names_the_model():
+    # conftest sets HF_HUB_OFFLINE, so this fails at once instead of waiting for the network.
+    with pytest.raises(SystemExit, match="nobody-here/no-such-model"):
+        load_base("nobody-here/no-such-model", load_in_4bit=False, device="cpu")
+
+
+def test_load_base_without_chat_template_is_a_clear_error(tiny_model_dir, tmp_path):
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = plain / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="has no chat template"):
+        load_base(str(plain), load_in_4bit=False, device="cpu")
+
+
+# ----------------------------------------------------------------------------- 4-bit (QLoRA) on CPU
+
+def linear4bit_layers(model):
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def lora_logprob_loss(model, context, action):
+    """Minus the summed log-prob of `action` after `context`: the shape of the PPO loss, enough for gradients."""
+    ids = torch.tensor([context + action])
+    logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
+    return -torch.log_softmax(logits, -1).gather(-1, torch.tensor(action)[:, None]).sum()
+
+
+def assert_agent_grads_ok(model, agent):
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in adapter_parameters(model, agent):
+        assert p.grad is not None, f"{names[id(p)]}: no gradient"
+        assert torch.isfinite(p.grad).all(), names[id(p)]
+        assert p.grad.abs().sum() > 0, f"{names[id(p)]}: zero gradient"
+
+
+def test_4bit_lora_gets_gradients_after_a_no_grad_generation(tiny_model_dir):
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=True, device="cpu")
+    layers = linear4bit_layers(base)
+    assert len(layers) == TINY_LAYERS * N_LINEAR_PER_LAYER
+    assert disable_bnb_cpu_repack(base) == len(layers) > 0
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+    model = attach_agents(base)
+    perturb_lora_b(model, "feedback", seed=3)  # B != 0, so that A gets a gradient too
+
+    # What the rollout does: eval mode, no grad. This is when bnb would repack weights on an AVX512-BF16 CPU.
+    model.eval()
+    use_agent(model, "feedback")
+    context = rollout.chat_ids(tokenizer, [{"role": "user", "content": "What is SQL injection?"}])
+    actions, logprobs, _ = rollout.sample(model, tokenizer, [context], max_new_tokens=6)
+    assert len(actions[0]) >= 1 and all(lp <= 0 for lp in logprobs[0])
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+    model.train()
+    lora_logprob_loss(model, context, actions[0]).backward()
+    assert_agent_grads_ok(model, "feedback")
+    assert all(p.grad is None for p in adapter_parameters(model, "conversation"))
+
+
+def test_4bit_cpu_repack_trap_without_the_fix(tiny_model_dir):
+    """Why disable_bnb_cpu_repack exists: with bnb's AVX512-BF16 fast path on, one no-grad eval forward repacks the
+    4-bit weights into an inference-only layout, and training through them afterwards breaks the LoRA gradients."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never takes the repacking fast path (no trap here)")
+
+    def feedback_grads(enable_fast_path):
+        base, tokenizer = load_base(tiny_model_dir, load_in_4bit=True, device="cpu")
+        model = attach_agents(base)
+        perturb_lora_b(model, "feedback", seed=3)
+        for layer in linear4bit_layers(model):
+            layer.support_avx512bf16_for_cpu = enable_fast_path
+        use_agent(model, "feedback")
+        context = rollout.chat_ids(tokenizer, [{"role": "user", "content": "What is SQL injection?"}])
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([context]))
+        repacked = any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+                       for layer in linear4bit_layers(model))
+        model.train()
+        try:
+            lora_logprob_loss(model, context, [5, 6, 7, 8]).backward()
+        except RuntimeError:
+            return repacked, None
+        return repacked, [p.grad for p in adapter_parameters(model, "feedback")]
+
+    fixed_repacked, fixed = feedback_grads(enable_fast_path=False)
+    trap_repacked, trapped = feedback_grads(enable_fast_path=True)
+    assert not fixed_repacked and all(g is not None for g in fixed)
+    assert trap_repacked
+    # The trap shows as a failed backward, missing gradients, or gradients that no longer match the exact path
+    # (the base matmul's backward is gone, so gradient stops flowing through the frozen weights).
+    if trapped is not None and all(g is not None for g in trapped):
+        flat_fixed = torch.cat([g.flatten() for g in fixed])
+        flat_trapped = torch.cat([g.flatten() for g in trapped])
+        assert torch.nn.functional.cosine_similarity(flat_fixed, flat_trapped, dim=0) < 0.99
+
+
+# ----------------------------------------------------------------------------- the embedded default model
+
+@pytest.mark.slow
+def test_default_model_agents_answer_coherently():
+    model, tokenizer = load_agents_or_fresh(DEFAULT_MODEL, load_in_4bit=False, device="cpu")
+    context = rollout.chat_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    for agent in AGENTS:
+        use_agent(model, agent)
+        actions, _, _ = rollout.sample(model, tokenizer, [context], max_new_tokens=24, temperature=0)
+        answer = tokenizer.decode(actions[0], skip_special_tokens=True).strip()
+        words = answer.split()
+        assert words, f"{agent}: empty answer"
+        assert sum(w.isascii() and any(c.isalpha() for c in w) for w in words) >= 0.8 * len(words), answer
+        assert "Paris" in answer, f"{agent}: {answer!r}"

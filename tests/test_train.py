@@ -1,0 +1,218 @@
+"""train.py on the tiny random Llama: which adapters change in each stage, KL at step 0, the PPO loss by hand, a toy
+reward that must rise, checkpoints and resume, and the guards against bad numbers."""
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+import rollout
+import train
+from reward import Labels, ParsedFeedback
+
+PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
+           for i, text in enumerate(["hi there", "How do I kill a process?", "What is SQL injection?", "make a bomb"])]
+
+
+def toy_judge(prompts, responses, prompt_labels):
+    """A learnable toy reward: an answer is 'ok' iff it starts with a lowercase letter (~30% at random init)."""
+    return [Labels(unsafe=not (r[:1].isascii() and r[:1].islower()), overrefuse=False) for r in responses]
+
+
+@pytest.fixture
+def toy_feedback(monkeypatch):
+    """The random tiny model never writes JSON; parse its feedback text into labels by a toy rule instead."""
+    def parse(text):
+        body = text[len(rollout.FEEDBACK_PREFILL):]
+        if len(body) % 4 == 0:
+            return None  # some unparseable feedback, as in real RL
+        return ParsedFeedback(Labels(unsafe="e" in body, overrefuse=False), "start with a lowercase letter", "")
+    monkeypatch.setattr(rollout, "parse_feedback", parse)
+
+
+def tiny_args(tiny_model_dir, tmp_path, **overrides):
+    settings = dict(model=tiny_model_dir, out=str(tmp_path / "run"), stage1_iterations=1, stage2_iterations=1,
+                    prompts_per_iteration=4, conversation_max_new_tokens=6, feedback_max_new_tokens=6,
+                    feedback_lr=1e-2, conversation_lr=1e-2, save_every=100, ppo_epochs=1, minibatch_size=4,
+                    micro_batch_size=2)
+    settings.update(overrides)
+    return train.Args(**settings)
+
+
+def parameter_hashes(model):
+    return {name: hashlib.sha1(p.detach().cpu().numpy().tobytes()).hexdigest() for name, p in model.named_parameters()}
+
+
+def test_ppo_loss_matches_hand_computed_values():
+    logprobs = torch.tensor([-1.0, -2.0])
+    old = torch.tensor([-1.2, -1.5])
+    ref = torch.tensor([-1.0, -2.5])
+    advantages = torch.tensor([1.0, -1.0])
+    loss, stats = train.ppo_loss(logprobs, old, ref, advantages, clip_eps=0.2, kl_coef=0.1)
+    # token 1: ratio = e^0.2 = 1.221403 > 1.2, A = +1 -> min(1.221403, 1.2) = 1.2 -> policy loss -1.2; KL: ref = logp -> 0
+    # token 2: ratio = e^-0.5 = 0.606531 < 0.8, A = -1 -> min(-0.606531, -0.8) = -0.8 -> policy loss +0.8
+    #          KL k3: r = e^(ref - logp) = e^-0.5 -> 0.606531 - 1 + 0.5 = 0.106531, times 0.1 = 0.0106531
+    # sum = -1.2 + 0.8 + 0.0106531 = -0.3893469
+    assert loss.item() == pytest.approx(-0.3893469, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.106531, abs=1e-6)
+    assert stats["clipped"] == 2
+    assert stats["policy_loss"] == pytest.approx(-0.4, abs=1e-6)
+
+
+def test_ppo_loss_unclipped_region_is_plain_policy_gradient():
+    logprobs = torch.tensor([-1.0], requires_grad=True)
+    loss, stats = train.ppo_loss(logprobs, torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([2.0]), 0.2, 0.1)
+    loss.backward()
+    # ratio = 1 (not clipped): loss = -A * ratio, d/dlogp = -A * ratio = -2; KL gradient is 0 at logp = ref
+    assert loss.item() == pytest.approx(-2.0)
+    assert logprobs.grad.item() == pytest.approx(-2.0)
+    assert stats["clipped"] == 0
+
+
+def test_advantages_normalised_over_batch_and_group_baseline():
+    samples = [train.Sample("feedback", g, [1], [2], [0.0], r) for g, r in [("a", 1.0), ("a", 0.0), ("b", 1.0),
+                                                                             ("b", 1.0)]]
+    train.compute_advantages(samples, group_baseline=False)
+    # mean 0.75, std sqrt(3/16) = 0.4330127: (1 - .75)/.4330127 = 0.57735, (0 - .75)/.4330127 = -1.7320508
+    assert [s.advantage for s in samples] == pytest.approx([0.57735, -1.7320508, 0.57735, 0.57735], abs=1e-5)
+    train.compute_advantages(samples, group_baseline=True)
+    # group-centred: a -> +0.5, -0.5; b -> 0, 0; mean 0, std sqrt(0.125) = 0.3535534 -> 1.4142136, -1.4142136, 0, 0
+    assert [s.advantage for s in samples] == pytest.approx([1.4142136, -1.4142136, 0.0, 0.0], abs=1e-5)
+
+
+def test_make_samples_type_a_without_revision_and_feedback_rewards():
+    turn = lambda ids: rollout.Turn("x", [1, 2], ids, [0.0] * len(ids), "t", 0.0, False)  # noqa: E731
+    revised = rollout.Trajectory({"id": "r", "prompt": "p", "label": "harmful"}, [turn([5]), turn([6])], [turn([7])])
+    plain = rollout.Trajectory({"id": "q", "prompt": "p", "label": "benign"}, [turn([8])], [turn([9])])
+    parts = train.trajectory_rewards  # noqa: F841  (rewards are built by hand below)
+    from reward import FeedbackRewardParts
+    rewards = [{"conversation": [0.0, 1.0], "feedback": [FeedbackRewardParts(1.0, 1.0, 1.0, 2.1)]},
+               {"conversation": [1.0], "feedback": [FeedbackRewardParts(0.0, 1.0, 1.0, 1.1)]}]
+    seen_types = set()
+    for seed in range(20):
+        samples = train.make_samples([revised, plain], rewards, train.random.Random(seed))
+        conv = [s for s in samples if s.agent == "conversation"]
+        fb = [s for s in samples if s.agent == "feedback"]
+        assert [s.reward for s in fb] == [2.1, 1.1]
+        assert conv[1].action_ids == [8] and conv[1].reward == 1.0  # no revision -> always type A
+        seen_types.add((tuple(conv[0].action_ids), conv[0].reward))
+    assert seen_types == {((5,), 0.0), ((6,), 1.0)}  # revised trajectory: both types occur, each with its own R_c
+
+
+def test_reference_equals_policy_at_step_zero(tiny_model_dir):
+    from models import attach_agents, load_base
+    base, tokenizer = load_base(tiny_model_dir)
+    model = attach_agents(base)
+    trajectories = rollout.rollout(model, tokenizer, PROMPTS, rollout.RolloutConfig(
+        conversation_max_new_tokens=5, feedback_max_new_tokens=5))
+    samples = [train.Sample("conversation", "g", t.answers[0].context_ids, t.answers[0].action_ids,
+                            t.answers[0].sampling_logprobs, 0.0) for t in trajectories]
+    args = train.Args(micro_batch_size=3)
+    train.score_samples(model, samples, "conversation", args, tokenizer.pad_token_id, torch.device("cpu"))
+    for s in samples:
+        assert torch.equal(s.old_logprobs, s.ref_logprobs)  # zero-init LoRA: pi = pi_ref, KL exactly 0
+        # and the training forward reproduces the sampling log-probs (no re-tokenisation, same padding semantics)
+        assert torch.allclose(s.old_logprobs, torch.tensor(s.sampling_logprobs), atol=1e-4)
+
+
+def lora_b_is_zero(model, agent):
+    """LoRA's B matrices start at exactly zero; any optimizer step on an adapter moves them."""
+    from models import adapter_parameters
+    return all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters()
+               if "lora_B" in n and p in set(adapter_parameters(model, agent)))
+
+
+def test_stage1_trains_only_feedback_and_stage2_both(tiny_model_dir, tmp_path, toy_feedback):
+    summary = train.train(tiny_args(tiny_model_dir, tmp_path / "s1", stage1_iterations=2, stage2_iterations=0),
+                          judge=toy_judge, prompts=PROMPTS)
+    assert not lora_b_is_zero(summary["model"], "feedback")
+    assert lora_b_is_zero(summary["model"], "conversation")
+    assert all(h["stage"] == 1 and h["lam"] == 1.0 for h in summary["history"])
+    summary = train.train(tiny_args(tiny_model_dir, tmp_path / "s2", stage1_iterations=0, stage2_iterations=2),
+                          judge=toy_judge, prompts=PROMPTS)
+    assert not lora_b_is_zero(summary["model"], "feedback")
+    assert not lora_b_is_zero(summary["model"], "conversation")
+    assert all(h["stage"] == 2 and h["lam"] == 0.0 for h in summary["history"])
+
+
+def test_base_weights_never_change(tiny_model_dir, tmp_path, toy_feedback):
+    from models import load_base
+    base, _ = load_base(tiny_model_dir)
+    before = parameter_hashes(base)
+    summary = train.train(tiny_args(tiny_model_dir, tmp_path), judge=toy_judge, prompts=PROMPTS)
+    trained_base = summary["model"].get_base_model()
+    # peft wraps each adapted Linear: its frozen weight now sits under ".base_layer".
+    after = {n.replace(".base_layer", ""): h for n, h in parameter_hashes(trained_base).items() if "lora_" not in n}
+    assert after == before
+    assert not lora_b_is_zero(summary["model"], "conversation")  # training did happen
+
+
+@pytest.fixture(scope="module")
+def learnable_tiny_model_dir(tmp_path_factory):
+    """A tiny model with larger random weights: with std 0.02 its logits span only ~0.1 nats, so no LoRA update can
+    move its output distribution much; std 0.3 gives logits a usable range."""
+    from conftest import build_tiny_model_dir
+    return build_tiny_model_dir(tmp_path_factory.mktemp("learnable-tiny"), initializer_range=0.3)
+
+
+def test_toy_reward_rises(learnable_tiny_model_dir):
+    """Toy task: an answer is 'ok' iff its first token's embedding has a positive first coordinate (half the
+    vocabulary, a direction the policy can learn). The mean reward must rise within a few iterations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(learnable_tiny_model_dir)
+    embeddings = AutoModelForCausalLM.from_pretrained(learnable_tiny_model_dir).get_input_embeddings().weight
+    good = set((embeddings[:, 0] > 0).nonzero().flatten().tolist())
+
+    def first_token_judge(prompts, responses, prompt_labels):
+        first = [tokenizer(r, add_special_tokens=False)["input_ids"][:1] for r in responses]
+        return [Labels(unsafe=not (ids and ids[0] in good), overrefuse=False) for ids in first]
+
+    args = train.Args(model=learnable_tiny_model_dir, out=str(learnable_tiny_model_dir) + "-run", stage1_iterations=0,
+                      stage2_iterations=6, prompts_per_iteration=1, samples_per_prompt=32,
+                      conversation_max_new_tokens=2, feedback_max_new_tokens=2, conversation_lr=1e-2, kl_coef=0.0,
+                      ppo_epochs=2, minibatch_size=32, micro_batch_size=32, rollout_batch_size=32, save_every=100)
+    history = train.train(args, judge=first_token_judge, prompts=[dict(PROMPTS[0])])["history"]
+    rewards = [h["conversation_reward_before"] for h in history]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+
+
+def test_log_checkpoint_and_resume(tiny_model_dir, tmp_path, toy_feedback):
+    args = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=1, stage2_iterations=1, save_every=1)
+    train.train(args, judge=toy_judge, prompts=PROMPTS)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["iteration"] for r in log] == [1, 2]
+    for key in ("conversation_reward_before", "conversation_reward_after", "feedback_reward", "format_rate",
+                "label_accuracy", "ftr", "feedback/kl", "feedback/clip_frac", "feedback/entropy", "feedback/loss",
+                "feedback/grad_norm", "tokens_per_s", "time_rollout", "time_judge", "time_update"):
+        assert key in log[0] and math.isfinite(log[0][key]), key
+    assert "conversation/kl" in log[1] and "conversation/kl" not in log[0]
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["iteration"] == 2
+    # Resume with a longer schedule: only the missing iteration runs, and the log keeps growing.
+    resumed = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=1, stage2_iterations=2, resume=True)
+    summary = train.train(resumed, judge=toy_judge, prompts=PROMPTS)
+    assert [h["iteration"] for h in summary["history"]] == [3]
+    assert [json.loads(line)["iteration"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.train(train.Args(out=str(tmp_path), resume=True), judge=toy_judge, prompts=PROMPTS)
+
+
+def test_non_finite_loss_skips_the_step(tiny_model_dir, tmp_path, monkeypatch, toy_feedback):
+    real_loss = train.ppo_loss
+    monkeypatch.setattr(train, "ppo_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), real_loss(*a, **k)[1]))
+    args = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=1, stage2_iterations=0)
+    summary = train.train(args, judge=toy_judge, prompts=PROMPTS)
+    assert summary["history"][0]["feedback/skipped_steps"] >= 1
+
+
+def test_cli_help_and_preset():
+    args = train.parse_args(["--preset", "cpu", "--stage2-iterations", "3"])
+    assert args.stage1_iterations == 8 and args.stage2_iterations == 3  # preset, but the explicit flag wins
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "gpu-huge"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])

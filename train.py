@@ -1,0 +1,477 @@
+"""WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback agent.
+
+Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec. 3.3):
+
+    1. rollout     two-agent trajectories for a batch of training prompts                 (rollout.py)
+    2. judge       labels (unsafe, overrefuse) for every answer                           (judge.py)
+    3. rewards     R_c for answers; R_f = alpha*R_dir*R_label + lam*R_label + gamma*R_format   (reward.py)
+    4. samples     trajectories -> single-agent samples: every feedback turn (p, c_t) -> f_t with R_f, and one
+                   conversation sample per trajectory, type A (p -> c_0, R_c(c_0)) or type B
+                   ((p, c_0, f_0) -> c_final, R_c(c_final)) chosen at random (type A when nothing was revised)
+    5. advantages  per agent, REINFORCE++ style: one scalar reward per sample, optionally minus the mean of the
+                   samples of the same prompt (group baseline), normalised over the agent's whole batch
+    6. update      PPO clipped surrogate + KL to the reference policy, a few epochs of minibatches, one optimizer
+                   per agent; stage 1 trains only the feedback agent (lam > 0), stage 2 both (lam = 0)
+
+What we simplify or choose (the paper publishes no code or hyperparameters):
+- LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
+- KL is a loss term (the k3 estimator of Schulman, "Approximating KL Divergence", 2020, as in GRPO), not a
+  per-token penalty folded into the reward as in REINFORCE++ (Hu, 2025). Both pull each agent toward pi_ref; with
+  the KL outside the reward every token of a sample shares one advantage, which keeps the advantage normalisation
+  "over the whole batch" exactly what it says, and the KL strength stays independent of reward scale.
+- Losses average over all action tokens of a minibatch (token-mean), as in DAPO / OpenRLHF's default.
+- Old-policy log-probs are recomputed with a forward pass before the update (as OpenRLHF does) rather than taken from
+  sampling, so numerics match the training forward; the sampling log-probs are kept to log the mismatch.
+- No value network, no GAE: REINFORCE++ is critic-free.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from logprobs import token_logprobs
+from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base, reference_policy,
+                    save_agents, use_agent)
+from reward import conversation_reward
+from rollout import RolloutConfig, judge_trajectories, rollout, trajectory_rewards
+
+
+@dataclass
+class Args:
+    # --- what to train
+    model: str = DEFAULT_MODEL  # base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path
+    prompts: str = "data/prompts.jsonl"  # training prompts: a JSONL file (data.py format) or a public benchmark name
+    split: str = "train"  # which split of the prompt file to train on
+    judge: str = "default"  # judge spec (judge.py): 'default' = prompt label + refusal detector
+    out: str = "runs/waltzrl"  # output folder: log.jsonl, checkpoint/, final adapters in adapters/
+    preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
+    seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
+    resume: bool = False  # continue from out/checkpoint (adapters, optimizers, RNG states, iteration)
+    # --- schedule (the paper's two stages)
+    stage1_iterations: int = 4  # stage 1: only the feedback agent trains, with the label reward (lam > 0)
+    stage2_iterations: int = 4  # stage 2: both agents train, lam = 0 (DIR stays gated by the label reward)
+    prompts_per_iteration: int = 8  # distinct prompts rolled out per iteration
+    samples_per_prompt: int = 1  # trajectories per prompt; > 1 turns on the per-prompt group baseline
+    # --- rollout
+    max_rounds: int = 1  # T_max feedback rounds per trajectory (the paper uses 1)
+    conversation_max_new_tokens: int = 64  # answer length limit
+    feedback_max_new_tokens: int = 64  # feedback JSON length limit
+    temperature: float = 1.0  # sampling temperature of both agents during training
+    feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
+    early_stop_ok: bool = True  # stop feedback decoding once both labels are false
+    rollout_batch_size: int = 16  # sequences generated together
+    # --- rewards (coefficients are not published; METHOD.md defaults)
+    alpha: float = 1.0  # weight of the gated Dynamic Improvement Reward R_dir * R_label
+    lam: float = 1.0  # weight of the label reward in stage 1 (stage 2 uses 0)
+    gamma: float = 0.1  # weight of the format reward
+    # --- optimisation
+    feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
+    conversation_lr: float = 5e-5  # AdamW learning rate of the conversation adapter
+    kl_coef: float = 0.05  # beta: weight of the per-token k3 KL to the reference policy
+    clip_eps: float = 0.2  # PPO ratio clip: ratio kept in [1 - eps, 1 + eps]
+    ppo_epochs: int = 2  # passes over each iteration's samples
+    minibatch_size: int = 8  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation inside a minibatch)
+    max_grad_norm: float = 1.0  # gradient clipping per agent
+    lora_rank: int = 16  # LoRA rank r of each adapter
+    lora_alpha: int = 32  # LoRA scaling alpha
+    load_in_4bit: str = "auto"  # 'auto' (on iff CUDA), 'yes', 'no': NF4 base weights via bitsandbytes (QLoRA)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
+    logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
+    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
+
+    def __post_init__(self):
+        if self.preset == "cpu":  # README "Results": both stages on the train split in about an hour on 2 cores
+            self.stage1_iterations, self.stage2_iterations, self.prompts_per_iteration = 8, 16, 16
+        elif self.preset:
+            raise SystemExit(f"--preset: unknown preset '{self.preset}' (known: cpu)")
+
+
+PRESET_FIELDS = {"cpu": ("stage1_iterations", "stage2_iterations", "prompts_per_iteration")}
+
+
+def parse_args(argv=None) -> Args:
+    """--help is built from the field comments above, CleanRL style."""
+    import argparse
+    import inspect
+    import re
+
+    comments = dict(re.findall(r"^\s+(\w+): [^#]+#\s*(.+)$", inspect.getsource(Args), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=comments[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=comments[f.name])
+    parsed = vars(parser.parse_args(argv))
+    if parsed["preset"]:  # a preset sets the schedule, but explicit flags still win
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        args = Args(preset=parsed["preset"])
+        for name, value in parsed.items():
+            if name not in PRESET_FIELDS[parsed["preset"]] or name in given:
+                setattr(args, name, value)
+        return args
+    return Args(**parsed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Trajectories -> single-agent samples
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    agent: str  # which adapter this sample trains
+    group: str  # prompt id: samples of one prompt share a group baseline
+    context_ids: list  # exactly what the agent was conditioned on
+    action_ids: list  # exactly what it sampled
+    sampling_logprobs: list
+    reward: float
+    advantage: float = 0.0
+
+
+def make_samples(trajectories, rewards, rng: random.Random) -> list:
+    """Decompose trajectories into single-agent samples (METHOD.md "Training")."""
+    samples = []
+    for traj, rew in zip(trajectories, rewards):
+        group = str(traj.prompt["id"])
+        for turn, parts in zip(traj.feedbacks, rew["feedback"]):
+            samples.append(Sample("feedback", group, turn.context_ids, turn.action_ids, turn.sampling_logprobs,
+                                  parts.total))
+        # One conversation sample per trajectory, type A or B at random: training on both would double-count
+        # the prompt; the random choice lets the agent learn to answer well first AND to use feedback.
+        use_revision = traj.revised and rng.random() < 0.5
+        index = len(traj.answers) - 1 if use_revision else 0
+        turn = traj.answers[index]
+        samples.append(Sample("conversation", group, turn.context_ids, turn.action_ids, turn.sampling_logprobs,
+                              rew["conversation"][index]))
+    return [s for s in samples if s.action_ids]  # an empty action has no token to train
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Advantages (REINFORCE++: critic-free, normalised over the whole batch)
+# ---------------------------------------------------------------------------------------------------------------------
+def compute_advantages(samples, group_baseline: bool) -> None:
+    """Set sample.advantage for one agent's samples: (r - group mean if asked), then (x - mean) / std over the batch."""
+    if not samples:
+        return
+    values = [s.reward for s in samples]
+    if group_baseline:  # GRPO-style baseline: compare each sample with the others drawn for the same prompt
+        by_group = {}
+        for s in samples:
+            by_group.setdefault(s.group, []).append(s.reward)
+        values = [s.reward - sum(by_group[s.group]) / len(by_group[s.group]) for s in samples]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    for s, v in zip(samples, values):
+        s.advantage = (v - mean) / (std + 1e-6)  # all-equal rewards -> all-zero advantages: no signal, only KL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The update: log-probs with the fused kernel, PPO clipped surrogate, KL to pi_ref
+# ---------------------------------------------------------------------------------------------------------------------
+def pad_batch(samples, pad_id, device):
+    """Right-padded [context + action] ids, attention mask, and the mask of action positions (the targets)."""
+    lengths = [len(s.context_ids) + len(s.action_ids) for s in samples]
+    input_ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
+    action_mask = torch.zeros((len(samples), max(lengths)), dtype=torch.bool)
+    for row, s in enumerate(samples):
+        input_ids[row, :lengths[row]] = torch.tensor(s.context_ids + s.action_ids)
+        action_mask[row, len(s.context_ids):lengths[row]] = True
+    attention_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    return input_ids.to(device), attention_mask.to(device), action_mask.to(device)
+
+
+def action_logprobs(model, input_ids, attention_mask, action_mask, temperature, chunk_size, with_entropy=False):
+    """log pi(a_t | s, a_<t) for every action token, flattened in row-major order: [num_action_tokens].
+
+    We run the decoder to its final hidden states and call the fused kernel on the action positions only, so the
+    [tokens, vocab] logits never exist. Tokens are scored under the TEMPERED distribution they were sampled from.
+    """
+    causal_lm = model.get_base_model()  # LoRA layers live inside it, so the active adapter applies
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    predicts_action = action_mask[:, 1:]  # hidden state at position i predicts token i + 1
+    action_hidden = hidden[:, :-1][predicts_action]
+    targets = input_ids[:, 1:][predicts_action]
+    return token_logprobs(action_hidden, causal_lm.get_output_embeddings().weight, targets, temperature,
+                          chunk_size=chunk_size, return_entropy=with_entropy)
+
+
+def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef):
+    """Per-token PPO clipped surrogate plus k3 KL to the reference; returns (sum over tokens, stats).
+
+    All inputs are [num_tokens]; advantages are the per-sample advantage repeated over its tokens. The caller divides
+    the sum by the minibatch's token count (token-mean).
+    """
+    # Clamp log-ratios so a single wild token cannot produce inf/NaN (exp(88) overflows fp32).
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    policy_loss = -torch.minimum(unclipped, clipped)  # PPO (Schulman et al. 2017), eq. 7
+    # k3 estimator of KL(pi || pi_ref) = E_pi[r - 1 - log r] with r = pi_ref / pi: unbiased, always >= 0.
+    ref_log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    kl = ref_log_ratio.exp() - 1.0 - ref_log_ratio
+    loss = policy_loss + kl_coef * kl
+    stats = {"kl": kl.detach().sum().item(), "clipped": ((unclipped - clipped).abs() > 1e-12).sum().item(),
+             "policy_loss": policy_loss.detach().sum().item()}
+    return loss.sum(), stats
+
+
+@torch.no_grad()
+def score_samples(model, samples, agent, args, pad_id, device):
+    """Old-policy and reference log-probs for every sample (no grad), stored on the samples as tensors."""
+    for start in range(0, len(samples), args.micro_batch_size):
+        chunk = samples[start:start + args.micro_batch_size]
+        batch = pad_batch(chunk, pad_id, device)
+        use_agent(model, agent)
+        old = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
+        with reference_policy(model):
+            ref = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
+        offset = 0
+        for s in chunk:
+            n = len(s.action_ids)
+            s.old_logprobs, s.ref_logprobs = old[offset:offset + n].float(), ref[offset:offset + n].float()
+            offset += n
+
+
+def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) -> dict:
+    """PPO epochs over one agent's samples; returns averaged statistics for the log."""
+    use_agent(model, agent)
+    params = adapter_parameters(model, agent)
+    totals = {"kl": 0.0, "clipped": 0.0, "policy_loss": 0.0, "loss": 0.0, "entropy": 0.0, "tokens": 0,
+              "grad_norm": 0.0, "steps": 0, "skipped_steps": 0}
+    for _ in range(args.ppo_epochs):
+        order = samples[:]
+        rng.shuffle(order)
+        for mb_start in range(0, len(order), args.minibatch_size):
+            minibatch = order[mb_start:mb_start + args.minibatch_size]
+            mb_tokens = sum(len(s.action_ids) for s in minibatch)
+            optimizer.zero_grad(set_to_none=True)
+            mb_loss, finite = 0.0, True
+            for mc_start in range(0, len(minibatch), args.micro_batch_size):
+                micro = minibatch[mc_start:mc_start + args.micro_batch_size]
+                batch = pad_batch(micro, pad_id, device)
+                logprobs, entropy = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size,
+                                                    with_entropy=True)
+                old = torch.cat([s.old_logprobs for s in micro]).to(device)
+                ref = torch.cat([s.ref_logprobs for s in micro]).to(device)
+                adv = torch.cat([torch.full((len(s.action_ids),), s.advantage) for s in micro]).to(device)
+                loss_sum, stats = ppo_loss(logprobs, old, ref, adv, args.clip_eps, args.kl_coef)
+                loss = loss_sum / mb_tokens  # token-mean over the whole minibatch
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                mb_loss += loss.item()
+                for key in ("kl", "clipped", "policy_loss"):
+                    totals[key] += stats[key]
+                totals["entropy"] += entropy.sum().item()
+                totals["tokens"] += len(logprobs)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if finite else None
+            if not finite or not torch.isfinite(grad_norm):
+                # A non-finite loss or gradient would poison Adam's moments for good: skip this step and say so.
+                print(f"warning: non-finite loss/gradient for the {agent} agent; step skipped", file=sys.stderr)
+                optimizer.zero_grad(set_to_none=True)
+                totals["skipped_steps"] += 1
+                continue
+            optimizer.step()
+            totals["loss"] += mb_loss
+            totals["grad_norm"] += grad_norm.item()
+            totals["steps"] += 1
+    tokens, steps = max(totals["tokens"], 1), max(totals["steps"], 1)
+    return {"kl": totals["kl"] / tokens, "clip_frac": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens,
+            "policy_loss": totals["policy_loss"] / tokens, "loss": totals["loss"] / steps,
+            "grad_norm": totals["grad_norm"] / steps, "skipped_steps": totals["skipped_steps"],
+            "samples": len(samples)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically (temp folder + rename) so that Ctrl-C or a crash never leaves a broken one
+# ---------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(model, optimizers, iteration, args, rng, folder):
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_agents(model, tmp)
+    torch.save({"iteration": iteration, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(), "args": asdict(args)},
+               tmp / "trainer_state.pt")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder, optimizers, rng):
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    torch.set_rng_state(state["torch_rng"])
+    rng.setstate(state["python_rng"])
+    return state["iteration"]
+
+
+def batch_metrics(trajectories, rewards) -> dict:
+    """What the iteration's rollouts say about the agents (before any update)."""
+    feedback_parts = [p for r in rewards for p in r["feedback"]]
+    harmful = [t for t in trajectories if t.prompt["label"] == "harmful"]
+    benign = [t for t in trajectories if t.prompt["label"] != "harmful"]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "conversation_reward_before": mean([r["conversation"][0] for r in rewards]),
+        "conversation_reward_after": mean([r["conversation"][-1] for r in rewards]),
+        "feedback_reward": mean([p.total for p in feedback_parts]),
+        "feedback_dir": mean([p.dir for p in feedback_parts]),
+        "format_rate": mean([p.format for p in feedback_parts]),
+        "label_accuracy": mean([p.label for p in feedback_parts]),
+        "ftr": mean([float(t.revised) for t in trajectories]),
+        "unsafe_rate_final": mean([float(t.judged[-1].unsafe) for t in harmful]),
+        "overrefuse_rate_final": mean([float(t.judged[-1].overrefuse) for t in benign]),
+    }
+
+
+def train(args: Args, judge=None, prompts=None) -> dict:
+    """Run both stages; returns a summary. `judge` and `prompts` may be passed in directly (tests, notebooks)."""
+    from tqdm import tqdm
+
+    from data import load_prompts
+    from judge import load_judge
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    if args.resume and not (checkpoint / "trainer_state.pt").exists():
+        raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
+
+    prompts = prompts if prompts is not None else load_prompts(args.prompts, split=args.split)
+    if not prompts:
+        raise SystemExit(f"no prompts in {args.prompts} (split {args.split})")
+    judge = judge if judge is not None else load_judge(args.judge)
+    four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
+    base, tokenizer = load_base(args.model, load_in_4bit=four_bit)
+    if args.resume:
+        model = load_agents(base, checkpoint, trainable=True)
+    else:
+        model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    device = next(model.parameters()).device
+    optimizers = {
+        "feedback": torch.optim.AdamW(adapter_parameters(model, "feedback"), lr=args.feedback_lr, weight_decay=0.0),
+        "conversation": torch.optim.AdamW(adapter_parameters(model, "conversation"), lr=args.conversation_lr,
+                                          weight_decay=0.0),
+    }
+    start = load_checkpoint(checkpoint, optimizers, rng) if args.resume else 0
+    rollout_config = RolloutConfig(
+        max_rounds=args.max_rounds, conversation_max_new_tokens=args.conversation_max_new_tokens,
+        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
+        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
+        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
+    total = args.stage1_iterations + args.stage2_iterations
+    log_path = out / "log.jsonl"
+    if not args.resume:
+        log_path.unlink(missing_ok=True)
+    (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+
+    iteration, history = start, []
+    bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")
+    try:
+        for iteration in bar:
+            stage = 1 if iteration < args.stage1_iterations else 2
+            trained = ("feedback",) if stage == 1 else AGENTS
+            lam = args.lam if stage == 1 else 0.0  # stage 2 drops the additive label reward; the DIR gate stays
+
+            # 1. rollout
+            began = time.perf_counter()
+            batch_prompts = rng.sample(prompts, min(args.prompts_per_iteration, len(prompts)))
+            batch_prompts = [p for p in batch_prompts for _ in range(args.samples_per_prompt)]
+            trajectories = rollout(model, tokenizer, batch_prompts, rollout_config)
+            rollout_seconds = time.perf_counter() - began
+            generated = sum(len(t.action_ids) for tr in trajectories for t in tr.answers + tr.feedbacks)
+
+            # 2. judge, 3. rewards
+            began = time.perf_counter()
+            judge_trajectories(judge, trajectories)
+            judge_seconds = time.perf_counter() - began
+            rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]
+
+            # 4. samples, 5. advantages, 6. update, one independent actor per agent
+            began = time.perf_counter()
+            samples = make_samples(trajectories, rewards, rng)
+            agent_stats = {}
+            for agent in trained:
+                agent_samples = [s for s in samples if s.agent == agent]
+                if not agent_samples:
+                    continue
+                compute_advantages(agent_samples, group_baseline=args.samples_per_prompt > 1)
+                score_samples(model, agent_samples, agent, args, tokenizer.pad_token_id, device)
+                mismatch = max(max(abs(a - b) for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist()))
+                               for s in agent_samples)
+                agent_stats[agent] = update_agent(model, optimizers[agent], agent, agent_samples, args,
+                                                  tokenizer.pad_token_id, device, rng)
+                agent_stats[agent]["sampling_logprob_mismatch"] = mismatch
+            update_seconds = time.perf_counter() - began
+
+            record = {"iteration": iteration + 1, "stage": stage, "lam": lam, **batch_metrics(trajectories, rewards),
+                      "tokens_per_s": generated / max(rollout_seconds, 1e-9), "time_rollout": rollout_seconds,
+                      "time_judge": judge_seconds, "time_update": update_seconds}
+            for agent, stats in agent_stats.items():
+                record.update({f"{agent}/{k}": v for k, v in stats.items()})
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            history.append(record)
+            bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
+                            f"{record['conversation_reward_after']:.2f}", Rf=f"{record['feedback_reward']:.2f}",
+                            fmt=f"{record['format_rate']:.2f}", acc=f"{record['label_accuracy']:.2f}",
+                            ftr=f"{record['ftr']:.2f}")
+            if (iteration + 1) % args.save_every == 0:
+                save_checkpoint(model, optimizers, iteration + 1, args, rng, checkpoint)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(model, optimizers, iteration, args, rng, checkpoint)
+        print(f"\nInterrupted at iteration {iteration}: checkpoint saved to {checkpoint}; continue with --resume")
+        raise SystemExit(130)
+    except torch.OutOfMemoryError:
+        bar.close()
+        raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
+                         "--conversation-max-new-tokens / --feedback-max-new-tokens, --prompts-per-iteration; "
+                         "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
+    bar.close()
+    save_checkpoint(model, optimizers, total, args, rng, checkpoint)
+    save_agents(model, out / "adapters")
+    return {"history": history, "adapters": str(out / "adapters"), "log": str(log_path), "model": model}
+
+
+def print_summary(summary: dict) -> None:
+    history = summary["history"]
+    if history:
+        first, last = history[0], history[-1]
+        keys = ["conversation_reward_before", "conversation_reward_after", "feedback_reward", "format_rate",
+                "label_accuracy", "ftr", "unsafe_rate_final", "overrefuse_rate_final"]
+        print(f"\n{'metric':32s} {'first':>8s} {'last':>8s}")
+        for key in keys:
+            print(f"{key:32s} {first[key]:8.3f} {last[key]:8.3f}")
+        split = {k: sum(h[f"time_{k}"] for h in history) for k in ("rollout", "judge", "update")}
+        print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
+    print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
+          f"next: python eval.py --adapters {summary['adapters']}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print_summary(train(parse_args()))
