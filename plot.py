@@ -1,0 +1,73 @@
+"""Training curves: plot train.py's log.jsonl to a PNG.
+
+One panel per question a reader asks of a WaltzRL run: does the answer get better with feedback (R_c before vs after),
+is the feedback agent paid more (R_f and its parts), does it write parseable, correct labels (format rate, label
+accuracy), how often does it trigger a revision (FTR), is the batch still unsafe / overrefusing, how far the agents
+moved from the reference (KL), and where the time goes. A dashed line marks the start of stage 2.
+"""
+import json
+import sys
+from pathlib import Path
+
+PANELS = [
+    ("conversation reward", ["conversation_reward_before", "conversation_reward_after"]),
+    ("feedback reward", ["feedback_reward", "feedback_dir"]),
+    ("feedback format / labels", ["format_rate", "label_accuracy"]),
+    ("feedback trigger rate", ["ftr"]),
+    ("unsafe / overrefusal (final answers)", ["unsafe_rate_final", "overrefuse_rate_final"]),
+    ("KL to reference", ["feedback/kl", "conversation/kl"]),
+    ("entropy", ["feedback/entropy", "conversation/entropy"]),
+    ("seconds per iteration", ["time_rollout", "time_judge", "time_update"]),
+]
+
+
+def read_log(path) -> list:
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path}:{number}: not a JSON log line ({err.msg})") from None
+    if not records:
+        raise SystemExit(f"{path}: empty log")
+    return records
+
+
+def plot_training_log(log_path, png_path=None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    png_path = str(png_path or Path(log_path).with_name("training_curves.png"))
+    iterations = [r["iteration"] for r in records]
+    stage2 = next((r["iteration"] for r in records if r.get("stage") == 2), None)
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            points = [(i, r[key]) for i, r in zip(iterations, records) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key.replace("/", " "))
+        if stage2 is not None and stage2 > iterations[0]:
+            ax.axvline(stage2 - 0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"WaltzRL training: {log_path}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Plot a train.py log (log.jsonl) to a PNG of training curves.")
+    parser.add_argument("log", nargs="?", default="runs/waltzrl/log.jsonl", help="path of train.py's log.jsonl")
+    parser.add_argument("--out", default=None, help="PNG path (default: training_curves.png beside the log)")
+    args = parser.parse_args(sys.argv[1:])
+    print(plot_training_log(args.log, args.out))
