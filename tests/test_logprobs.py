@@ -155,7 +155,8 @@ def test_tied_embedding_weight_gets_both_gradients():
     targets = torch.randint(0, VOCAB, (2, 9), generator=gen)
     mix = torch.randn(HIDDEN, HIDDEN, generator=gen) / HIDDEN ** 0.5
     grads = []
-    for fn in (lambda h, w, y: token_logprobs(h, w, y, 0.8, **CHUNKS), lambda h, w, y: naive_token_logprobs(h, w, y, 0.8)):
+    fused = lambda h, w, y: token_logprobs(h, w, y, 0.8, **CHUNKS)  # noqa: E731
+    for fn in (fused, lambda h, w, y: naive_token_logprobs(h, w, y, 0.8)):
         embedding = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
         hidden = torch.tanh(embedding[input_ids] @ mix)  # stands in for the transformer body
         fn(hidden, embedding, targets).sum().backward()
