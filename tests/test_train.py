@@ -110,6 +110,10 @@ def test_reference_equals_policy_at_step_zero(tiny_model_dir):
                             t.answers[0].sampling_logprobs, 0.0) for t in trajectories]
     args = train.Args(micro_batch_size=3)
     train.score_samples(model, samples, "conversation", args, tokenizer.pad_token_id, torch.device("cpu"))
+    for s in samples:  # default: pi_old is the sampling log-probs, exactly
+        assert torch.equal(s.old_logprobs, torch.tensor(s.sampling_logprobs))
+    args = train.Args(micro_batch_size=3, recompute_old_logprobs=True)
+    train.score_samples(model, samples, "conversation", args, tokenizer.pad_token_id, torch.device("cpu"))
     for s in samples:
         assert torch.equal(s.old_logprobs, s.ref_logprobs)  # zero-init LoRA: pi = pi_ref, KL exactly 0
         # and the training forward reproduces the sampling log-probs (no re-tokenisation, same padding semantics)
@@ -178,13 +182,14 @@ def test_toy_reward_rises(learnable_tiny_model_dir):
 
 
 def test_log_checkpoint_and_resume(tiny_model_dir, tmp_path, toy_feedback):
-    args = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=1, stage2_iterations=1, save_every=1)
+    args = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=1, stage2_iterations=1, save_every=1,
+                     recompute_old_logprobs=True, ppo_epochs=2)
     train.train(args, judge=toy_judge, prompts=PROMPTS)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["iteration"] for r in log] == [1, 2]
     for key in ("conversation_reward_before", "conversation_reward_after", "feedback_reward", "format_rate",
                 "label_accuracy", "ftr", "feedback/kl", "feedback/clip_frac", "feedback/entropy", "feedback/loss",
-                "feedback/grad_norm", "tokens_per_s", "time_rollout", "time_judge", "time_update"):
+                "feedback/grad_norm", "feedback/sampling_logprob_mismatch", "tokens_per_s", "time_rollout", "time_judge", "time_update"):
         assert key in log[0] and math.isfinite(log[0][key]), key
     assert "conversation/kl" in log[1] and "conversation/kl" not in log[0]
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
