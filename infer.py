@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from models import DEFAULT_MODEL, load_agents_or_fresh
-from rollout import RolloutConfig, Trajectory, chat_ids, conversation_messages, rollout, run_agent
+from rollout import RolloutConfig, Trajectory, rollout
 
 
 @dataclass
@@ -71,18 +71,8 @@ def answer_prompts(model, tokenizer, prompts: list, config: RolloutConfig, use_f
     """Answer prompt strings; with use_feedback the feedback agent checks each answer (rollout.rollout), else the
     conversation agent answers alone. Returns one Reply per prompt."""
     records = [{"id": f"prompt-{i}", "prompt": p, "label": "benign", "category": ""} for i, p in enumerate(prompts)]
-    if use_feedback:
-        trajectories = rollout(model, tokenizer, records, config)
-    else:
-        was_training = model.training
-        model.eval()
-        trajectories = [Trajectory(prompt=r) for r in records]
-        contexts = [chat_ids(tokenizer, conversation_messages(t)) for t in trajectories]
-        turns = run_agent(model, tokenizer, "conversation", contexts, config.conversation_max_new_tokens,
-                          config.conversation_temperature, config)
-        for traj, turn in zip(trajectories, turns):
-            traj.answers.append(turn)
-        model.train(was_training)
+    # max_rounds = 0 is the conversation agent alone: rollout() then stops after the first answers.
+    trajectories = rollout(model, tokenizer, records, config if use_feedback else replace(config, max_rounds=0))
     return [reply_from_trajectory(t) for t in trajectories]
 
 

@@ -62,7 +62,7 @@ FEEDBACK_PREFILL = '{"unsafe":'
 
 @dataclass
 class RolloutConfig:
-    max_rounds: int = 1  # T_max: feedback rounds per trajectory (the paper uses 1)
+    max_rounds: int = 1  # T_max: feedback rounds per trajectory (the paper uses 1; 0 = conversation agent alone)
     conversation_max_new_tokens: int = 128  # answer length limit for the conversation agent
     feedback_max_new_tokens: int = 96  # length limit for the feedback agent's JSON
     conversation_temperature: float = 1.0  # sampling temperature of the conversation agent (0 = greedy)
