@@ -1,0 +1,333 @@
+"""Benchmark: what the feedback agent costs at generation time (rollout.py), measured against one agent alone.
+
+WaltzRL (arXiv 2510.08240; METHOD.md "Rollout" and "Inference") adds a second agent that reads every answer, so
+each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. This script measures two things,
+always against a baseline measured back-to-back in the same process, because the machine may be shared and
+absolute numbers drift; the ratios are what to read.
+
+1. Throughput (training-style rollouts). For each batch size B: tokens/s of `rollout.rollout` (default
+   RolloutConfig: sampling at temperature 1, T_max = 1, early stop on; only the token limits are set by flags)
+   against `rollout.sample` with the conversation agent alone on the same contexts with the same token limit.
+   Generated tokens are counted from the Turn records (c_0 + f_0 + c_1 of every trajectory). Both arms start from
+   the same seed, so the single-agent answers are exactly the rollout's c_0 (checked and printed).
+   Finished rows keep stepping until the whole batch is done (rollout.sample), so tokens/s counts useful tokens.
+2. Latency on everyday prompts (category "everyday", eval split; what a deployed system mostly sees): per-prompt
+   wall time at batch 1, greedy decoding for both agents, of
+       alone        conversation agent only (RolloutConfig(max_rounds=0))
+       fb+early     conversation + feedback, early_stop_ok on (decoding stops once both labels are false)
+       fb+full      conversation + feedback, early_stop_ok off (the feedback agent writes its whole JSON)
+       fb+ok-floor  conversation + a feedback turn cut after the tokens of ' false, "overrefuse": false': what an
+                    agent that approves the answer costs with early stop (the floor of the protocol)
+   The arms are interleaved per prompt and repeat; we report the median over prompts of each prompt's median
+   latency, the ratio to "alone" and the overhead in %, against the target of at most 15%.
+   Greedy decoding makes c_0 identical in all arms, so the difference is the feedback agent (+ revisions).
+
+Untrained adapters are zero, so both agents are the base model here. The untrained 135M feedback agent rarely says
+"ok" to anything, so early stop rarely fires and it decodes up to its limit; a trained agent that approves everyday
+answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
+
+Defaults are sized for a few minutes on 2 CPU cores with the default model; on a shared machine with more busy
+processes than cores, --threads 1 is much faster than torch's default (OpenMP threads wait for each other).
+
+    HF_HUB_OFFLINE=1 python bench/rollout.py
+    HF_HUB_OFFLINE=1 python bench/rollout.py --max-new-tokens 64 --repeats 3 --n-prompts 8 --parts latency
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# Run as `python bench/rollout.py`, sys.path[0] is bench/, where THIS file would shadow the project's rollout.py.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+from data import load_prompts  # noqa: E402
+from models import DEFAULT_MODEL, load_agents_or_fresh, use_agent  # noqa: E402
+from reward import labels_prefix_complete  # noqa: E402
+from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
+                     rollout, sample)
+
+
+def machine_info() -> str:
+    """One line about where the numbers come from (CPU model, cores, torch, threads, current load)."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; load average (1/5/15 min) {load}")
+
+
+def warn_if_busy():
+    """With more runnable processes than free cores, OpenMP threads wait for each other: say so before measuring."""
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] + torch.get_num_threads() > (os.cpu_count() or 1) + 0.5:
+        print(f"note: load average {os.getloadavg()[0]:.1f} + {torch.get_num_threads()} threads > "
+              f"{os.cpu_count()} cores: other processes compete for the CPU; times will be noisy and with >1 thread "
+              f"can be several times slower (try --threads 1). Ratios are still measured back-to-back.")
+
+
+def mixed_prompts(records, n):
+    """n prompts taken round-robin over categories, so every batch mixes harmful, benign-sensitive and everyday."""
+    by_category = {}
+    for r in records:
+        by_category.setdefault(r["category"], []).append(r)
+    queues = [list(rows) for _, rows in sorted(by_category.items())]
+    chosen = []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    if len(chosen) < n:
+        raise SystemExit(f"--batches asks for {n} prompts but the eval split has only {len(chosen)}")
+    return chosen
+
+
+def turn_tokens(trajectories) -> dict:
+    """Generated tokens per kind of turn, counted from the Turn records."""
+    return {"c0": sum(len(t.answers[0].action_ids) for t in trajectories),
+            "feedback": sum(len(f.action_ids) for t in trajectories for f in t.feedbacks),
+            "revision": sum(len(a.action_ids) for t in trajectories for a in t.answers[1:])}
+
+
+def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_max_new_tokens, repeats, seed) -> dict:
+    """Per repeat: single-agent generation then the two-agent rollout (order alternated), same seed, same contexts."""
+    config = RolloutConfig(conversation_max_new_tokens=max_new_tokens, feedback_max_new_tokens=feedback_max_new_tokens,
+                           batch_size=batch)
+    chosen = prompts[:batch]
+    contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in chosen]
+    runs = []
+    for r in range(repeats):
+        run = {}
+
+        def single():
+            torch.manual_seed(seed + r)
+            use_agent(model, "conversation")
+            began = time.perf_counter()
+            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature,
+                                   config.top_p)
+            run["single_s"] = time.perf_counter() - began
+            run["single_tokens"] = sum(len(a) for a in actions)
+            run["actions"] = actions
+
+        def two_agent():
+            torch.manual_seed(seed + r)
+            began = time.perf_counter()
+            trajectories = rollout(model, tokenizer, chosen, config)
+            run["two_s"] = time.perf_counter() - began
+            run["tokens"] = turn_tokens(trajectories)
+            run["revised"] = sum(t.revised for t in trajectories)
+            run["c0"] = [t.answers[0].action_ids for t in trajectories]
+
+        for arm in ((single, two_agent) if r % 2 == 0 else (two_agent, single)):
+            arm()
+        run["same_c0"] = sum(a == b for a, b in zip(run.pop("actions"), run.pop("c0")))
+        runs.append(run)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    two_tok = [sum(x["tokens"].values()) for x in runs]
+    return {
+        "batch": batch,
+        "single_tps": med([x["single_tokens"] / x["single_s"] for x in runs]),
+        "two_tps": med([t / x["two_s"] for t, x in zip(two_tok, runs)]),
+        "tps_ratio": med([(t / x["two_s"]) / (x["single_tokens"] / x["single_s"]) for t, x in zip(two_tok, runs)]),
+        "time_ratio": med([x["two_s"] / x["single_s"] for x in runs]),
+        "tokens": {k: med([x["tokens"][k] for x in runs]) for k in ("c0", "feedback", "revision")},
+        "ftr": med([x["revised"] / batch for x in runs]),
+        "same_c0": min(x["same_c0"] for x in runs),
+    }
+
+
+def ok_label_tokens(tokenizer) -> int:
+    """Decoding steps an "ok" feedback agent needs before early stop: ' false, "overrefuse": false' in tokens."""
+    ids = tokenizer(' false, "overrefuse": false, "reasoning": ""}', add_special_tokens=False)["input_ids"]
+    for k in range(1, len(ids) + 1):
+        if labels_prefix_complete(FEEDBACK_PREFILL + tokenizer.decode(ids[:k], skip_special_tokens=True)):
+            return k
+    raise RuntimeError("labels_prefix_complete never saw the two labels in the canonical 'ok' output")
+
+
+def latency_arms(ok_tokens, feedback_max_new_tokens) -> dict:
+    """Arm name -> RolloutConfig overrides (greedy, batch 1 are added by bench_latency)."""
+    return {
+        "alone": {"max_rounds": 0},
+        "fb+early": {"max_rounds": 1, "early_stop_ok": True, "feedback_max_new_tokens": feedback_max_new_tokens},
+        "fb+full": {"max_rounds": 1, "early_stop_ok": False, "feedback_max_new_tokens": feedback_max_new_tokens},
+        # What a feedback agent that approves the answer costs: read (prefill) everything, write the two labels,
+        # early-stop. Emulated by cutting decoding at exactly that many tokens; a cut-off output never parses as a
+        # flag, so no revision follows. This is the floor the early stop can reach, whatever the agent says.
+        "fb+ok-floor": {"max_rounds": 1, "early_stop_ok": True, "feedback_max_new_tokens": ok_tokens},
+    }
+
+
+def bench_latency(model, tokenizer, prompts, max_new_tokens, repeats, arms_config) -> dict:
+    """Per-prompt latency of each arm (median over repeats), the arms interleaved so load drift hits all alike."""
+    per_arm = {arm: [] for arm in arms_config}
+    detail = {arm: {"feedback_tokens": [], "revised": [], "feedback_s": [], "revision_s": [], "c0": [],
+                    "verdict": [], "feedback_context": [], "conversation_context": []} for arm in arms_config}
+    for prompt in prompts:
+        seconds = {arm: [] for arm in arms_config}
+        generated = {}  # greedy: every repeat generates the same tokens, so keep the first repeat's trajectory
+        for r in range(repeats):
+            arms = list(arms_config) if r % 2 == 0 else list(reversed(arms_config))
+            for arm in arms:
+                config = RolloutConfig(conversation_max_new_tokens=max_new_tokens, conversation_temperature=0.0,
+                                       feedback_temperature=0.0, batch_size=1, **arms_config[arm])
+                began = time.perf_counter()
+                (traj,) = rollout(model, tokenizer, [prompt], config)
+                seconds[arm].append(time.perf_counter() - began)
+                generated.setdefault(arm, traj)
+        for arm, traj in generated.items():
+            per_arm[arm].append(statistics.median(seconds[arm]))
+            d = detail[arm]
+            d["c0"].append(traj.answers[0].action_ids)
+            d["feedback_tokens"].append(sum(len(f.action_ids) for f in traj.feedbacks))
+            d["revised"].append(traj.revised)
+            d["feedback_s"].append(sum(f.seconds for f in traj.feedbacks))
+            d["revision_s"].append(sum(a.seconds for a in traj.answers[1:]))
+            d["conversation_context"].append(len(traj.answers[0].context_ids))
+            if traj.feedbacks:
+                parsed = traj.parsed[0]
+                d["verdict"].append("unparseable" if parsed is None else "ok" if parsed.labels.ok else "flagged")
+                d["feedback_context"].append(len(traj.feedbacks[0].context_ids))
+    return {"per_arm": per_arm, "detail": detail}
+
+
+def print_throughput(results, max_new_tokens, feedback_max_new_tokens):
+    print(f"\n## Throughput: two-agent rollout vs conversation agent alone (conversation max_new_tokens="
+          f"{max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, same seed)")
+    head = (f"{'batch':>5} | {'single tok/s':>12} | {'two-agent tok/s':>15} | {'tok/s ratio':>11} | "
+            f"{'time ratio':>10} | {'tokens c0/fb/rev':>17} | {'FTR':>5} | {'same c0':>7}")
+    print(head + "\n" + "-" * len(head))
+    for x in results:
+        t = x["tokens"]
+        print(f"{x['batch']:>5} | {x['single_tps']:>12.1f} | {x['two_tps']:>15.1f} | {x['tps_ratio']:>11.2f} | "
+              f"{x['time_ratio']:>10.2f} | {t['c0']:>5.0f}/{t['feedback']:>5.0f}/{t['revision']:>5.0f} | "
+              f"{x['ftr']:>5.2f} | {x['same_c0']:>3}/{x['batch']:<3}")
+    print("tok/s ratio = two-agent tokens/s / single-agent tokens/s; time ratio = two-agent wall time / single-agent "
+          "wall time (the cost of adding feedback + revisions); medians over repeats. same c0 = rollout answers c_0 "
+          "identical to the single-agent answers (worst repeat).")
+
+
+def print_latency(result, max_new_tokens, feedback_max_new_tokens, ok_tokens, target=0.15):
+    per_arm, detail = result["per_arm"], result["detail"]
+    n = len(per_arm["alone"])
+    base = statistics.median(per_arm["alone"])
+    print(f"\n## Latency on everyday prompts: {n} prompts, batch 1, greedy, conversation max_new_tokens="
+          f"{max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens} ({ok_tokens} for fb+ok-floor)")
+    head = (f"{'arm':>11} | {'median s':>8} | {'ratio':>5} | {'overhead':>8} | {'per-prompt ratio':>16} | "
+            f"{'fb tokens':>9} | {'fb s':>5} | {'FTR':>4} | {'revision s':>10}")
+    print(head + "\n" + "-" * len(head))
+    verdicts = {}
+    for arm, secs in per_arm.items():
+        d = detail[arm]
+        ratio = statistics.median(secs) / base
+        per_prompt = statistics.median([s / b for s, b in zip(secs, per_arm["alone"])])
+        verdicts[arm] = ratio - 1.0
+        print(f"{arm:>11} | {statistics.median(secs):>8.2f} | {ratio:>5.2f} | {100 * (ratio - 1):>7.1f}% | "
+              f"{per_prompt:>16.2f} | {statistics.mean(d['feedback_tokens']):>9.1f} | "
+              f"{statistics.mean(d['feedback_s']):>5.2f} | {statistics.mean(d['revised']):>4.2f} | "
+              f"{statistics.mean(d['revision_s']):>10.2f}")
+    c0_tokens = statistics.mean(len(c) for c in detail["alone"]["c0"])
+    same = sum(len({tuple(c) for c in cs}) == 1 for cs in zip(*(detail[arm]["c0"] for arm in per_arm)))
+    print(f"ratio = median latency / median latency of 'alone'; per-prompt ratio = median over prompts of each "
+          f"prompt's ratio; fb tokens, fb s, FTR and revision s are means per prompt (fb s / revision s: wall time of "
+          f"the feedback turn / of the revision). c_0: {c0_tokens:.1f} tokens on average, identical in all arms for "
+          f"{same}/{n} prompts.")
+    d = detail["fb+early"]
+    print(f"Context lengths: the conversation agent reads {statistics.mean(d['conversation_context']):.0f} tokens, "
+          f"the feedback agent {statistics.mean(d['feedback_context']):.0f} (its system prompt + request + answer).")
+    for arm in ("fb+early", "fb+full", "fb+ok-floor"):
+        overhead = verdicts[arm]
+        met = "MET" if overhead <= target else "NOT MET"
+        d = detail[arm]
+        fb_share = statistics.mean(d["feedback_s"]) / base
+        rev_share = statistics.mean(d["revision_s"]) / base
+        counts = ", ".join(f"{d['verdict'].count(v)} {v}" for v in ("ok", "flagged", "unparseable"))
+        print(f"target overhead <= {100 * target:.0f}% with {arm}: {met} ({100 * overhead:.1f}%). The feedback turn "
+              f"adds {100 * fb_share:.1f}% of the median 'alone' latency (decoding "
+              f"{statistics.mean(d['feedback_tokens']):.1f} tokens on average), revisions {100 * rev_share:.1f}% "
+              f"(FTR {statistics.mean(d['revised']):.2f}); feedback verdicts: {counts}.")
+    print("Early stop can only fire when the feedback agent writes both labels false ('ok'); fb+ok-floor is that best "
+          "case, so its overhead is the floor of the protocol (reading the answer), not a measured agent behaviour.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Tokens/s of the two-agent WaltzRL rollout vs the conversation agent alone, and the feedback "
+                    "agent's latency overhead on everyday prompts. Ratios are measured back-to-back in one run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batches", default="1,4,16",
+                        help="comma-separated batch sizes (prompts generated together) for the throughput part")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="repeats per measurement; medians over repeats are reported")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="conversation agent's token limit (c_0 and revisions) in every arm")
+    parser.add_argument("--feedback-max-new-tokens", type=int, default=RolloutConfig.feedback_max_new_tokens,
+                        help="feedback agent's token limit (RolloutConfig's default)")
+    parser.add_argument("--n-prompts", type=int, default=3,
+                        help="everyday eval prompts in the latency part (there are 25)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the whole run; None = torch's default")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path")
+    parser.add_argument("--prompts", default=os.path.join(REPO, "data", "prompts.jsonl"),
+                        help="prompt file (data.py JSONL format); its eval split is used")
+    parser.add_argument("--parts", default="throughput,latency",
+                        help="which parts to run: throughput, latency or both (comma-separated)")
+    parser.add_argument("--seed", type=int, default=0, help="base random seed of the sampled throughput runs")
+    args = parser.parse_args(argv)
+
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"throughput", "latency"}:
+        parser.error(f"--parts: expected 'throughput', 'latency' or both, got {args.parts!r}")
+    if min(batches, default=0) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.n_prompts < 1:
+        parser.error("--batches, --repeats, --max-new-tokens and --n-prompts must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(machine_info())
+    warn_if_busy()
+    began = time.perf_counter()
+    model, tokenizer = load_agents_or_fresh(args.model)
+    model.eval()
+    print(f"model: {args.model} loaded in {time.perf_counter() - began:.1f}s")
+    records = load_prompts(args.prompts, split="eval")
+    # Warm-up: the first forward passes pay one-time costs (oneDNN kernel selection, allocator growth).
+    warm = mixed_prompts(records, 2)
+    rollout(model, tokenizer, warm, RolloutConfig(conversation_max_new_tokens=4, feedback_max_new_tokens=4))
+
+    if "throughput" in parts:
+        prompts = mixed_prompts(records, max(batches))
+        results = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            results.append(bench_throughput(model, tokenizer, prompts, batch, args.max_new_tokens,
+                                            args.feedback_max_new_tokens, args.repeats, args.seed))
+            print(f"  batch {batch}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        print_throughput(results, args.max_new_tokens, args.feedback_max_new_tokens)
+
+    if "latency" in parts:
+        everyday = [r for r in records if r["category"] == "everyday"][:args.n_prompts]
+        if not everyday:
+            raise SystemExit(f"{args.prompts}: no 'everyday' prompts in the eval split")
+        t0 = time.perf_counter()
+        ok_tokens = ok_label_tokens(tokenizer)
+        arms = latency_arms(ok_tokens, args.feedback_max_new_tokens)
+        result = bench_latency(model, tokenizer, everyday, args.max_new_tokens, args.repeats, arms)
+        print(f"  latency: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        print_latency(result, args.max_new_tokens, args.feedback_max_new_tokens, ok_tokens)
+    print(f"\ntotal {time.perf_counter() - began:.0f}s; {machine_info()}")
+
+
+if __name__ == "__main__":
+    main()
