@@ -26,11 +26,13 @@ Untrained adapters are zero, so both agents are the base model here. The untrain
 "ok" to anything, so early stop rarely fires and it decodes up to its limit; a trained agent that approves everyday
 answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
 
-Defaults are sized for a few minutes on 2 CPU cores with the default model; on a shared machine with more busy
-processes than cores, --threads 1 is much faster than torch's default (OpenMP threads wait for each other).
+Defaults are sized for about 5 minutes on an idle 2-core CPU with the default model (batches 1,4,8; one decode step
+of the 135M model takes ~0.12 s at batch 1 there). The batch sizes 1,8,32 of our spec take ~15 minutes:
+--batches 1,8,32. On a shared machine with more busy processes than cores, --threads 1 is much faster than torch's
+default (OpenMP threads wait for each other), and the ratios stay comparable because both arms run back-to-back.
 
     HF_HUB_OFFLINE=1 python bench/rollout.py
-    HF_HUB_OFFLINE=1 python bench/rollout.py --max-new-tokens 64 --repeats 3 --n-prompts 8 --parts latency
+    HF_HUB_OFFLINE=1 python bench/rollout.py --batches 1,8,32 --max-new-tokens 64 --n-prompts 8 --latency-repeats 2
 """
 import argparse
 import os
@@ -262,10 +264,13 @@ def main(argv=None):
         description="Tokens/s of the two-agent WaltzRL rollout vs the conversation agent alone, and the feedback "
                     "agent's latency overhead on everyday prompts. Ratios are measured back-to-back in one run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batches", default="1,4,16",
+    parser.add_argument("--batches", default="1,4,8",
                         help="comma-separated batch sizes (prompts generated together) for the throughput part")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="repeats per measurement; medians over repeats are reported")
+                        help="throughput: repeats per batch size (sampled, a new seed each); medians are reported")
+    parser.add_argument("--latency-repeats", type=int, default=1,
+                        help="latency: timed runs per prompt and arm (greedy, so the tokens are the same every time; "
+                             "the median over prompts is the main defence against noise)")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="conversation agent's token limit (c_0 and revisions) in every arm")
     parser.add_argument("--feedback-max-new-tokens", type=int, default=RolloutConfig.feedback_max_new_tokens,
@@ -290,8 +295,10 @@ def main(argv=None):
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts or parts - {"throughput", "latency"}:
         parser.error(f"--parts: expected 'throughput', 'latency' or both, got {args.parts!r}")
-    if min(batches, default=0) < 1 or args.repeats < 1 or args.max_new_tokens < 1 or args.n_prompts < 1:
-        parser.error("--batches, --repeats, --max-new-tokens and --n-prompts must be positive")
+    if min(batches, default=0) < 1 or min(args.repeats, args.latency_repeats, args.max_new_tokens,
+                                           args.feedback_max_new_tokens, args.n_prompts) < 1:
+        parser.error("--batches, --repeats, --latency-repeats, --max-new-tokens, --feedback-max-new-tokens and "
+                     "--n-prompts must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -323,7 +330,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         ok_tokens = ok_label_tokens(tokenizer)
         arms = latency_arms(ok_tokens, args.feedback_max_new_tokens)
-        result = bench_latency(model, tokenizer, everyday, args.max_new_tokens, args.repeats, arms)
+        result = bench_latency(model, tokenizer, everyday, args.max_new_tokens, args.latency_repeats, arms)
         print(f"  latency: done in {time.perf_counter() - t0:.0f}s", flush=True)
         print_latency(result, args.max_new_tokens, args.feedback_max_new_tokens, ok_tokens)
     print(f"\ntotal {time.perf_counter() - began:.0f}s; {machine_info()}")
