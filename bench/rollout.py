@@ -26,7 +26,7 @@ Untrained adapters are zero, so both agents are the base model here. The untrain
 "ok" to anything, so early stop rarely fires and it decodes up to its limit; a trained agent that approves everyday
 answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
 
-Defaults are sized for about 5 minutes on an idle 2-core CPU with the default model (batches 1,4,8; one decode step
+Defaults are sized for about 5-6 minutes on an idle 2-core CPU with the default model (batches 1,4,8; one decode step
 of the 135M model takes ~0.12 s at batch 1 there). The batch sizes 1,8,32 of our spec take ~15 minutes:
 --batches 1,8,32. On a shared machine with more busy processes than cores, --threads 1 is much faster than torch's
 default (OpenMP threads wait for each other), and the ratios stay comparable because both arms run back-to-back.
@@ -69,10 +69,10 @@ def machine_info() -> str:
 
 def warn_if_busy():
     """With more runnable processes than free cores, OpenMP threads wait for each other: say so before measuring."""
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] + torch.get_num_threads() > (os.cpu_count() or 1) + 0.5:
-        print(f"note: load average {os.getloadavg()[0]:.1f} + {torch.get_num_threads()} threads > "
-              f"{os.cpu_count()} cores: other processes compete for the CPU; times will be noisy and with >1 thread "
-              f"can be several times slower (try --threads 1). Ratios are still measured back-to-back.")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        print(f"note: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} cores: other processes compete for "
+              f"the CPU; times will be noisy and with >1 thread can be several times slower (try --threads 1). "
+              f"Ratios are still measured back-to-back.")
 
 
 def mixed_prompts(records, n):
