@@ -442,6 +442,19 @@ def labels_prefix_complete(text: str) -> Labels | None:
     return None
 
 
+def feedback_object_closed(text: str) -> bool:
+    """True once the first top-level object of a streaming output has been closed with '}'.
+    The rollout stops the feedback agent there: parse_feedback reads that object and nothing after
+    it, and small models otherwise ramble on (a second object, repeated keys) until the token limit."""
+    if not isinstance(text, str):
+        raise TypeError(f"feedback_object_closed expects str, got {type(text).__name__}")
+    pos = _next_object_start(text, 0)
+    if pos < 0:
+        return False
+    _, outcome, _ = _scan_top_level(text, pos, stop_when_labels=False)
+    return outcome == _CLOSED
+
+
 def _parse_cut_off(text: str) -> ParsedFeedback | None:
     """Accept an object cut off after two complete false labels (early stop), nothing else."""
     pos, tries = _next_object_start(text, 0), 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import use_agent
-from reward import Labels, ParsedFeedback, labels_prefix_complete, parse_feedback
+from reward import Labels, ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "
@@ -112,8 +112,11 @@ def stop_token_ids(model, tokenizer) -> set:
 
 @torch.no_grad()
 def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
-           early_stop_ok=False):
+           feedback_json=False, early_stop_ok=False):
     """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
+
+    feedback_json: the action is the feedback agent's JSON (after prefix_texts): stop a row when its object closes,
+    and, with early_stop_ok, as soon as both labels are written and false.
 
     Left padding puts every context's last token in the same column, so one forward step extends all sequences;
     position ids are counted from each sequence's first real token so padding does not shift positions.
@@ -155,12 +158,15 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
             logprobs[row].append(token_logprobs[row].item())
             if token in stops:
                 done[row] = True
-            elif early_stop_ok and not labels_decided[row]:
+            elif feedback_json:
                 text = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
-                labels = labels_prefix_complete(text)
-                if labels is not None:
-                    labels_decided[row] = True
-                    done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
+                if early_stop_ok and not labels_decided[row]:
+                    labels = labels_prefix_complete(text)
+                    if labels is not None:
+                        labels_decided[row] = True
+                        done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
+                if not done[row] and feedback_object_closed(text):
+                    done[row] = True  # whatever follows the closing brace is never read
         if done.all():
             break
         tokens = tokens.masked_fill(done, pad_id)  # finished rows keep stepping (cheaper than reshaping the cache)
@@ -208,7 +214,7 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
         began = time.perf_counter()
         actions, logprobs, truncated = sample(
             model, tokenizer, chunk, max_new_tokens, temperature, config.top_p,
-            prefix_texts=[prefill] * len(chunk), early_stop_ok=(agent == "feedback" and config.early_stop_ok))
+            prefix_texts=[prefill] * len(chunk), feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok)
         seconds = (time.perf_counter() - began) / len(chunk)
         for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
             text = prefill + tokenizer.decode(action, skip_special_tokens=True)

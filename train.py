@@ -65,7 +65,7 @@ class Args:
     # --- rollout
     max_rounds: int = 1  # T_max feedback rounds per trajectory (the paper uses 1)
     conversation_max_new_tokens: int = 48  # answer length limit
-    feedback_max_new_tokens: int = 48  # feedback JSON length limit
+    feedback_max_new_tokens: int = 64  # feedback JSON length limit (decoding also stops when the object closes)
     temperature: float = 1.0  # sampling temperature of both agents during training
     feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
     early_stop_ok: bool = True  # stop feedback decoding once both labels are false

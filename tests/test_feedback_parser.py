@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reward import Labels, ParsedFeedback, format_feedback_json, labels_prefix_complete, parse_feedback
+from reward import (Labels, ParsedFeedback, feedback_object_closed, format_feedback_json, labels_prefix_complete,
+                    parse_feedback)
 
 OK = Labels(False, False)
 UNSAFE = Labels(True, False)
@@ -116,6 +117,28 @@ def test_parse_feedback_rejects_non_strings_with_a_clear_error():
         parse_feedback(b'{"unsafe": true, "overrefuse": false}')
     with pytest.raises(TypeError, match="labels_prefix_complete expects str"):
         labels_prefix_complete(None)
+
+
+# ---------------------------------------------------------------- object closed (stop decoding)
+
+@pytest.mark.parametrize("text, closed", [
+    ('{"unsafe": true, "overrefuse": false, "feedback": "Refuse."}', True),
+    ('{"unsafe": true, "overrefuse": false, "feedback": "Refuse."} and then more', True),
+    ('{"unsafe": true, "overrefuse": false, "feedback": "a } inside a string"', False),
+    ('{"unsafe": true, "overrefuse": false, "reasoning": {"nested": 1}', False),
+    ('{"unsafe": true, "overrefuse": false, "reasoning": {"nested": 1}}', True),
+    ('{"unsafe": true, "overrefuse": false, "feedback": "Refuse.', False),
+    ('{"unsafe": true, "overrefuse"', False),
+    ('no object at all }', False),
+    ('', False),
+])
+def test_feedback_object_closed(text, closed):
+    assert feedback_object_closed(text) is closed
+
+
+@given(st.text(max_size=200))
+def test_feedback_object_closed_never_raises(text):
+    assert feedback_object_closed(text) in (True, False)
 
 
 # ---------------------------------------------------------------- cut-off objects (early stop)

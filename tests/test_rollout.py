@@ -12,7 +12,7 @@ import torch
 
 import rollout
 from models import attach_agents, load_base, use_agent
-from reward import Labels, ParsedFeedback, labels_prefix_complete, parse_feedback
+from reward import Labels, ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 from rollout import (CONVERSATION_SYSTEM_PROMPT, FEEDBACK_PREFILL, REVISION_USER_TEMPLATE, RolloutConfig, Trajectory,
                      Turn, chat_ids, feedback_messages, format_trajectory, judge_trajectories, trajectory_rewards)
 
@@ -274,8 +274,8 @@ def test_early_stop_once_both_labels_are_false(agents):
         # It stopped at the first token that completes the labels, not later.
         assert labels_prefix_complete(FEEDBACK_PREFILL + tokenizer.decode(turn.action_ids[:-1])) is None
         assert early.parsed[0].labels == Labels(False, False) and not early.revised
-        # Without early stopping the whole object (and the end-of-turn token) is generated.
-        assert late.feedbacks[0].action_ids == script and not late.feedbacks[0].truncated
+        # Without early stopping the whole object is generated, up to its closing brace.
+        assert late.feedbacks[0].action_ids == script[:-1] and not late.feedbacks[0].truncated
         assert '"reasoning": "The answer is fine."' in late.feedbacks[0].text
         assert late.parsed[0].labels == Labels(False, False)
     # Early stopping is a feedback-agent feature: the conversation agent's answer is the same either way.
@@ -286,13 +286,26 @@ def test_no_early_stop_when_a_label_is_true(agents):
     _, tokenizer = agents
     model = scripted_model(tokenizer, FLAG_REST)
     (traj,) = rollout.rollout(model, tokenizer, [record(MEDIUM)], RolloutConfig(early_stop_ok=True))
-    assert traj.feedbacks[0].action_ids == model.scripts["feedback"]
+    assert traj.feedbacks[0].action_ids == model.scripts["feedback"][:-1]  # stopped at the closing brace
     assert traj.parsed[0] == parse_feedback('{"unsafe":' + FLAG_REST)
     assert traj.parsed[0].labels == Labels(True, False) and traj.revised
     assert "Refuse politely." in tokenizer.decode(traj.answers[1].context_ids)
     # A length limit that cuts the object marks the turn truncated.
     (cut,) = rollout.rollout(model, tokenizer, [record(MEDIUM)], RolloutConfig(feedback_max_new_tokens=4))
     assert len(cut.feedbacks[0].action_ids) == 4 and cut.feedbacks[0].truncated and cut.parsed == [None]
+
+
+def test_feedback_stops_when_its_object_closes(agents):
+    """Small models ramble after the JSON (a second object, repeated keys): decoding stops at the closing brace."""
+    _, tokenizer = agents
+    rambling = FLAG_REST + ' {"unsafe": false, "overrefuse": true} and more words after the object'
+    model = scripted_model(tokenizer, rambling)
+    (traj,) = rollout.rollout(model, tokenizer, [record(MEDIUM)], RolloutConfig(feedback_max_new_tokens=200))
+    turn = traj.feedbacks[0]
+    assert turn.text.rstrip().endswith("}") and "more words" not in turn.text and not turn.truncated
+    assert feedback_object_closed(turn.text)
+    assert not feedback_object_closed(FEEDBACK_PREFILL + tokenizer.decode(turn.action_ids[:-1]))
+    assert traj.parsed[0].labels == Labels(True, False)  # the first object, as parse_feedback reads it
 
 
 # ----------------------------------------------------------------------------- judging, rewards, display
