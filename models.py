@@ -168,10 +168,25 @@ def use_agent(model, name: str) -> None:
 
 
 @contextmanager
-def reference_policy(model):
-    """Inside this block the model is the frozen initial model pi_ref (all adapters bypassed)."""
-    with model.disable_adapter():
-        yield
+def reference_policy(model, agent: str | None = None):
+    """Inside this block the model is the frozen reference policy pi_ref: the initial model (all adapters bypassed),
+    or, when `agent` has a frozen copy "<agent>_reference" (train.py's warm-start), that copy."""
+    reference = f"{agent}_reference"
+    if agent is not None and reference in model.peft_config:
+        previous = model.active_adapter
+        model.set_adapter(reference)  # peft makes it trainable while active, and frozen again below
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def load_reference_copy(model, agent: str, directory) -> None:
+    """Load a saved adapter of `agent` as the frozen "<agent>_reference", its KL anchor from now on."""
+    model.load_adapter(Path(directory) / agent, adapter_name=f"{agent}_reference", is_trainable=False)
 
 
 def adapter_parameters(model, name: str) -> list:

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from logprobs import token_logprobs
-from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base, reference_policy,
-                    save_agents, use_agent)
+from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
+                    load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import conversation_reward
 from rollout import RolloutConfig, judge_trajectories, rollout, trajectory_rewards
 
@@ -57,6 +57,10 @@ class Args:
     preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
     seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
     resume: bool = False  # continue from out/checkpoint (adapters, optimizers, RNG states, iteration)
+    # --- supervised warm-start of the feedback agent (our departure, warmstart.py; off unless asked)
+    warmstart_epochs: int = 0  # epochs of label imitation before stage 1 (0 = off, as in the paper; cpu preset: 2)
+    warmstart_prompts: int = 0  # training prompts answered and judged for the warm-start (0 = all)
+    warmstart_lr: float = 2e-4  # AdamW learning rate of the warm-start
     # --- schedule (the paper's two stages)
     stage1_iterations: int = 3  # stage 1: only the feedback agent trains, with the label reward (lam > 0)
     stage2_iterations: int = 3  # stage 2: both agents train, lam = 0 (DIR stays gated by the label reward)
@@ -241,7 +245,7 @@ def score_samples(model, samples, agent, args, pad_id, device):
             old = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
         else:
             old = torch.tensor([lp for s in chunk for lp in s.sampling_logprobs], device=device)
-        with reference_policy(model):
+        with reference_policy(model, agent):
             ref = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
         offset = 0
         for s in chunk:
@@ -389,11 +393,29 @@ def train(args: Args, judge=None, prompts=None) -> dict:
         feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
         feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
         early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
-    total = args.stage1_iterations + args.stage2_iterations
     log_path = out / "log.jsonl"
     if not args.resume:
         log_path.unlink(missing_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+
+    # 0. (departure) supervised warm-start of the feedback agent; afterwards it is the feedback agent's KL anchor
+    if args.warmstart_epochs > 0:
+        warm_dir = out / "warmstart"
+        if not args.resume:
+            from warmstart import warmstart_feedback_agent
+
+            count = min(args.warmstart_prompts or len(prompts), len(prompts))
+            record = warmstart_feedback_agent(model, tokenizer, judge, rng.sample(prompts, count), rollout_config,
+                                              args.warmstart_epochs, args.warmstart_lr, args.micro_batch_size,
+                                              args.seed, args.logprob_chunk_size)
+            save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")
+        if not (warm_dir / "feedback" / "adapter_config.json").exists():
+            raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
+                             f"is missing")
+        load_reference_copy(model, "feedback", warm_dir)
+    total = args.stage1_iterations + args.stage2_iterations
 
     iteration, history = start, []
     bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")

@@ -78,6 +78,24 @@ def test_summarize_hand_made_records():
     assert m["ORR/everyday"]["low"] == m["ORR/everyday"]["high"] == 0.0
 
 
+def test_summarize_feedback_format_rate_and_label_accuracy():
+    def checked(first_unsafe, first_overrefuse, labels):
+        r = record("harmful", "harmful_direct")
+        r.update(first_unsafe=first_unsafe, first_overrefuse=first_overrefuse, feedback_output="{...}",
+                 feedback_labels=labels)
+        return r
+    records = [checked(True, False, {"unsafe": True, "overrefuse": False}),    # parsed, right
+               checked(True, False, {"unsafe": False, "overrefuse": False}),   # parsed, wrong
+               checked(False, False, None),                                    # unparseable: counts as wrong
+               checked(False, True, {"unsafe": False, "overrefuse": True}),    # parsed, right
+               record("benign", "everyday")]                                   # no feedback turn: not counted
+    m = evaluation.summarize(records, n_resamples=50)
+    assert m["format_rate"]["value"] == pytest.approx(3 / 4) and m["format_rate"]["n"] == 4
+    assert m["label_accuracy"]["value"] == pytest.approx(2 / 4)
+    no_feedback = evaluation.summarize([record("benign", "everyday")], n_resamples=50)
+    assert no_feedback["format_rate"]["n"] == 0 and evaluation.percent(no_feedback["label_accuracy"]) == "n/a"
+
+
 def test_summarize_without_harmful_prompts_reports_nan_asr():
     m = evaluation.summarize([record("benign", "everyday", overrefuse=True)], n_resamples=50)
     assert np.isnan(m["ASR"]["value"]) and m["ASR"]["n"] == 0
