@@ -93,6 +93,7 @@ class Args:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
     recompute_old_logprobs: bool = False  # recompute pi_old with a training forward instead of using sampling log-probs
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
+    share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
     save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
 
     def __post_init__(self):
@@ -186,29 +187,65 @@ def compute_advantages(samples, group_baseline: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. The update: log-probs with the fused kernel, PPO clipped surrogate, KL to pi_ref
 # ---------------------------------------------------------------------------------------------------------------------
-def pad_batch(samples, pad_id, device):
-    """Right-padded [context + action] ids, attention mask, and the mask of action positions (the targets)."""
-    lengths = [len(s.context_ids) + len(s.action_ids) for s in samples]
+@dataclass
+class Batch:
+    prefix_ids: torch.Tensor  # [P] context tokens shared by every sample (the system prompt); P may be 0
+    input_ids: torch.Tensor  # [B, S] the rest of each [context + action], right-padded
+    attention_mask: torch.Tensor  # [B, P + S] 1 on real tokens
+    action_mask: torch.Tensor  # [B, S] True on action tokens (the targets)
+
+
+def shared_prefix_length(samples, minimum: int = 16) -> int:
+    """How many leading context tokens all samples share (chat template + system prompt), keeping at least one context
+    token per row after it; 0 when there is nothing worth sharing."""
+    contexts = [s.context_ids for s in samples]
+    limit, length = min(len(c) for c in contexts) - 1, 0
+    while length < limit and all(c[length] == contexts[0][length] for c in contexts):
+        length += 1
+    return length if length >= minimum and len(samples) > 1 else 0
+
+
+def pad_batch(samples, pad_id, device, share_prefix: bool = False) -> Batch:
+    """Right-padded [context + action] ids and masks; with share_prefix the common context prefix is split off."""
+    prefix = shared_prefix_length(samples) if share_prefix else 0
+    rows = [s.context_ids[prefix:] + s.action_ids for s in samples]
+    lengths = [len(r) for r in rows]
     input_ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
     action_mask = torch.zeros((len(samples), max(lengths)), dtype=torch.bool)
-    for row, s in enumerate(samples):
-        input_ids[row, :lengths[row]] = torch.tensor(s.context_ids + s.action_ids)
-        action_mask[row, len(s.context_ids):lengths[row]] = True
+    for row, (s, ids) in enumerate(zip(samples, rows)):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        action_mask[row, len(s.context_ids) - prefix:len(ids)] = True
     attention_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-    return input_ids.to(device), attention_mask.to(device), action_mask.to(device)
+    attention_mask = torch.cat([torch.ones((len(samples), prefix), dtype=torch.long), attention_mask], dim=1)
+    return Batch(torch.tensor(samples[0].context_ids[:prefix], dtype=torch.long).to(device), input_ids.to(device),
+                 attention_mask.to(device), action_mask.to(device))
 
 
-def action_logprobs(model, input_ids, attention_mask, action_mask, temperature, chunk_size, with_entropy=False):
+def action_logprobs(model, batch: Batch, temperature, chunk_size, with_entropy=False):
     """log pi(a_t | s, a_<t) for every action token, flattened in row-major order: [num_action_tokens].
 
     We run the decoder to its final hidden states and call the fused kernel on the action positions only, so the
     [tokens, vocab] logits never exist. Tokens are scored under the TEMPERED distribution they were sampled from.
+    Shared prefix: every feedback sample starts with the same ~200-token system prompt, which is most of its tokens.
+    We run that prefix ONCE, repeat its keys/values over the batch, and run only each row's own tokens on top; the
+    gradient still flows into the prefix's LoRA activations through the cache. Same values as the plain forward, a
+    fraction of the compute (tests/test_train.py checks values and gradients).
     """
     causal_lm = model.get_base_model()  # LoRA layers live inside it, so the active adapter applies
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    predicts_action = action_mask[:, 1:]  # hidden state at position i predicts token i + 1
+    decoder = causal_lm.get_decoder()
+    prefix_length = batch.prefix_ids.numel()
+    if prefix_length == 0:
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        cache = decoder(input_ids=batch.prefix_ids[None], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(batch.input_ids.shape[0])
+        positions = torch.arange(prefix_length, prefix_length + batch.input_ids.shape[1], device=batch.input_ids.device)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, past_key_values=cache,
+                         position_ids=positions[None].expand(batch.input_ids.shape[0], -1),
+                         use_cache=True).last_hidden_state
+    predicts_action = batch.action_mask[:, 1:]  # hidden state at position i predicts token i + 1
     action_hidden = hidden[:, :-1][predicts_action]
-    targets = input_ids[:, 1:][predicts_action]
+    targets = batch.input_ids[:, 1:][predicts_action]
     return token_logprobs(action_hidden, causal_lm.get_output_embeddings().weight, targets, temperature,
                           chunk_size=chunk_size, return_entropy=with_entropy)
 
@@ -234,19 +271,24 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
     return loss.sum(), stats
 
 
+def share_prefix(args) -> bool:
+    # Gradient checkpointing turns the KV cache off in training forwards, so the shared-prefix path needs it off.
+    return args.share_prefix and not args.gradient_checkpointing
+
+
 @torch.no_grad()
 def score_samples(model, samples, agent, args, pad_id, device):
     """Reference (and, if asked, old-policy) log-probs for every sample (no grad), stored on the samples as tensors."""
     for start in range(0, len(samples), args.micro_batch_size):
         chunk = samples[start:start + args.micro_batch_size]
-        batch = pad_batch(chunk, pad_id, device)
+        batch = pad_batch(chunk, pad_id, device, share_prefix(args))
         if args.recompute_old_logprobs:
             use_agent(model, agent)
-            old = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
+            old = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size)
         else:
             old = torch.tensor([lp for s in chunk for lp in s.sampling_logprobs], device=device)
         with reference_policy(model, agent):
-            ref = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size)
+            ref = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size)
         offset = 0
         for s in chunk:
             n = len(s.action_ids)
@@ -270,8 +312,8 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             mb_loss, finite = 0.0, True
             for mc_start in range(0, len(minibatch), args.micro_batch_size):
                 micro = minibatch[mc_start:mc_start + args.micro_batch_size]
-                batch = pad_batch(micro, pad_id, device)
-                logprobs, entropy = action_logprobs(model, *batch, args.temperature, args.logprob_chunk_size,
+                batch = pad_batch(micro, pad_id, device, share_prefix(args))
+                logprobs, entropy = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size,
                                                     with_entropy=True)
                 old = torch.cat([s.old_logprobs for s in micro]).to(device)
                 ref = torch.cat([s.ref_logprobs for s in micro]).to(device)
@@ -407,7 +449,7 @@ def train(args: Args, judge=None, prompts=None) -> dict:
             count = min(args.warmstart_prompts or len(prompts), len(prompts))
             record = warmstart_feedback_agent(model, tokenizer, judge, rng.sample(prompts, count), rollout_config,
                                               args.warmstart_epochs, args.warmstart_lr, args.micro_batch_size,
-                                              args.seed, args.logprob_chunk_size)
+                                              args.seed, args.logprob_chunk_size, share_prefix(args))
             save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
             with open(log_path, "a") as f:
                 f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")

@@ -55,12 +55,17 @@ def warmstart_target(labels: Labels, prompt_label: str) -> str:
     return format_feedback_json(labels, feedback, reasoning)
 
 
-def build_examples(model, tokenizer, judge, prompts, rollout_config) -> list:
+def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=None) -> list:
     """(context_ids, target_ids, labels) per prompt: the conversation agent's answer, judged, with its target JSON."""
     contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
     model.eval()
-    answers = run_agent(model, tokenizer, "conversation", contexts, rollout_config.conversation_max_new_tokens,
-                        rollout_config.conversation_temperature, rollout_config)
+    answers = []
+    for start in range(0, len(contexts), rollout_config.batch_size):
+        chunk = contexts[start:start + rollout_config.batch_size]
+        answers += run_agent(model, tokenizer, "conversation", chunk, rollout_config.conversation_max_new_tokens,
+                             rollout_config.conversation_temperature, rollout_config)
+        if progress is not None:
+            progress.update(len(chunk))
     judged = judge([p["prompt"] for p in prompts], [a.text for a in answers], [p["label"] for p in prompts])
     examples = []
     for p, answer, labels in zip(prompts, answers, judged):
@@ -75,7 +80,7 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config) -> list:
 
 
 def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_size: int, seed: int = 0,
-                      chunk_size: int = 1024, progress=None) -> list:
+                      chunk_size: int = 1024, progress=None, share_prefix: bool = True) -> list:
     """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch."""
     from train import Sample, action_logprobs, pad_batch  # train.py imports this file lazily: no cycle at load time
 
@@ -91,8 +96,8 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
         rng.shuffle(samples)
         losses = []
         for start in range(0, len(samples), batch_size):
-            batch = pad_batch(samples[start:start + batch_size], tokenizer.pad_token_id, device)
-            loss = -action_logprobs(model, *batch, 1.0, chunk_size).mean()  # token-mean negative log-likelihood
+            batch = pad_batch(samples[start:start + batch_size], tokenizer.pad_token_id, device, share_prefix)
+            loss = -action_logprobs(model, batch, 1.0, chunk_size).mean()  # token-mean negative log-likelihood
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -107,16 +112,18 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
 
 
 def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, epochs=2, lr=2e-4, batch_size=8,
-                             seed=0, chunk_size=1024) -> dict:
+                             seed=0, chunk_size=1024, share_prefix=True) -> dict:
     """Build the examples and train on them; returns a record for the training log."""
     from tqdm import tqdm
 
     began = time.perf_counter()
-    examples = build_examples(model, tokenizer, judge, prompts, rollout_config)
+    with tqdm(total=len(prompts), desc="warm-start answers", unit="prompt") as bar:
+        examples = build_examples(model, tokenizer, judge, prompts, rollout_config, bar)
     built = time.perf_counter()
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc="warm-start (feedback agent)", unit="step") as bar:
-        losses = supervised_epochs(model, tokenizer, examples, epochs, lr, batch_size, seed, chunk_size, bar)
+        losses = supervised_epochs(model, tokenizer, examples, epochs, lr, batch_size, seed, chunk_size, bar,
+                                   share_prefix)
     counts = {"unsafe": sum(e[2].unsafe for e in examples), "overrefuse": sum(e[2].overrefuse for e in examples),
               "ok": sum(e[2].ok for e in examples)}
     return {"warmstart_examples": len(examples), "warmstart_label_counts": counts, "warmstart_epoch_loss": losses,

@@ -221,3 +221,52 @@ def test_cli_help_and_preset():
         train.parse_args(["--preset", "gpu-huge"])
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
+
+
+def test_shared_prefix_length():
+    def s(ctx):
+        return train.Sample("feedback", "g", ctx, [99], [0.0], 0.0)
+    common = list(range(20))
+    assert train.shared_prefix_length([s(common + [1, 2]), s(common + [3])]) == 20
+    # at least one context token of its own is kept in every row
+    assert train.shared_prefix_length([s(common + [1]), s(common + [1])]) == 20
+    assert train.shared_prefix_length([s(common), s(common + [5, 6])]) == 19
+    assert train.shared_prefix_length([s(common[:10] + [7]), s(common[:10] + [8])]) == 0  # too short to bother
+    assert train.shared_prefix_length([s(common + [1])]) == 0  # a single sample has nothing to share
+    batch = train.pad_batch([s(common + [1, 2]), s(common + [3])], 0, torch.device("cpu"), share_prefix=True)
+    assert batch.prefix_ids.tolist() == common
+    assert batch.input_ids.tolist() == [[1, 2, 99], [3, 99, 0]]
+    assert batch.action_mask.tolist() == [[False, False, True], [False, True, False]]
+    assert batch.attention_mask.tolist() == [[1] * 20 + [1, 1, 1], [1] * 20 + [1, 1, 0]]
+
+
+def test_shared_prefix_forward_equals_plain_forward_values_and_gradients(learnable_tiny_model_dir):
+    """The shared-prefix path (prefix once, KV repeated over the batch) must give the plain path's log-probs and LoRA
+    gradients, including the gradient that flows into the prefix through the cache."""
+    from models import adapter_parameters, attach_agents, load_base, use_agent
+    base, tokenizer = load_base(learnable_tiny_model_dir)
+    model = attach_agents(base)
+    use_agent(model, "feedback")
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero LoRA B so that the adapter really shapes the prefix's keys and values
+        for p in adapter_parameters(model, "feedback"):
+            p.normal_(0, 0.05)
+    system = tokenizer("a long shared system prompt that every sample of the batch starts with, word " * 2)["input_ids"]
+    samples = [train.Sample("feedback", "g", system + tokenizer(own)["input_ids"], tokenizer(act)["input_ids"],
+                            [], 0.0)
+               for own, act in [("first user text", "yes"), ("second, longer user text here", "no it is not"),
+                                ("x", "a b c d e")]]
+    results = {}
+    for share in (False, True):
+        batch = train.pad_batch(samples, tokenizer.pad_token_id, torch.device("cpu"), share_prefix=share)
+        assert (batch.prefix_ids.numel() > 0) == share
+        model.zero_grad(set_to_none=True)
+        logprobs, entropy = train.action_logprobs(model, batch, 0.9, 7, with_entropy=True)
+        (logprobs * torch.linspace(-1, 1, len(logprobs))).sum().backward()
+        results[share] = (logprobs.detach(), entropy.detach(),
+                          [p.grad.clone() for p in adapter_parameters(model, "feedback")])
+    (plain_lp, plain_ent, plain_grads), (shared_lp, shared_ent, shared_grads) = results[False], results[True]
+    assert torch.allclose(plain_lp, shared_lp, atol=1e-5) and torch.allclose(plain_ent, shared_ent, atol=1e-5)
+    for g_plain, g_shared in zip(plain_grads, shared_grads):
+        assert torch.allclose(g_plain, g_shared, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in shared_grads)

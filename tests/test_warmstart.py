@@ -79,8 +79,8 @@ def feedback_logprobs(model, tokenizer, sample, reference: bool):
     with torch.no_grad():
         if reference:
             with reference_policy(model, "feedback"):
-                return train.action_logprobs(model, *batch, 1.0, 64)
-        return train.action_logprobs(model, *batch, 1.0, 64)
+                return train.action_logprobs(model, batch, 1.0, 64)
+        return train.action_logprobs(model, batch, 1.0, 64)
 
 
 def test_train_warmstart_becomes_the_feedback_kl_anchor(tiny_model_dir, tmp_path):
@@ -100,7 +100,7 @@ def test_train_warmstart_becomes_the_feedback_kl_anchor(tiny_model_dir, tmp_path
     assert torch.equal(policy, feedback_logprobs(model, tokenizer, sample, reference=True))
     # ... while the base model (adapters off, the anchor without a warm-start) differs.
     with torch.no_grad(), model.disable_adapter():
-        base_logprobs = train.action_logprobs(model, *train.pad_batch([sample], tokenizer.pad_token_id,
+        base_logprobs = train.action_logprobs(model, train.pad_batch([sample], tokenizer.pad_token_id,
                                                                       torch.device("cpu")), 1.0, 64)
     assert not torch.allclose(policy, base_logprobs)
     # The reference copy is frozen and is not among the feedback agent's trainable parameters.
