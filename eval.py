@@ -98,6 +98,9 @@ def summarize(records: list, n_resamples: int = 1000, seed: int = 0) -> dict:
         [float(r["feedback_labels"] == {"unsafe": r["first_unsafe"], "overrefuse": r["first_overrefuse"]})
          for r in checked], n_resamples, seed)
     metrics["latency_s"] = ci(records, "latency_s")
+    for field in ("conversation_s", "feedback_s", "feedback_tokens"):  # per-agent cost (older records lack them)
+        if all(field in r for r in records):
+            metrics[field] = ci(records, field)
     metrics["tokens"] = ci(records, "tokens")
     return metrics
 
@@ -115,7 +118,9 @@ def trajectory_record(traj: Trajectory, triggered: bool) -> dict:
             "feedback_output": traj.feedbacks[0].text if traj.feedbacks else "",
             "feedback_labels": ({"unsafe": parsed.labels.unsafe, "overrefuse": parsed.labels.overrefuse}
                                 if parsed else None),
-            "latency_s": sum(t.seconds for t in turns), "tokens": sum(len(t.action_ids) for t in turns)}
+            "latency_s": sum(t.seconds for t in turns), "tokens": sum(len(t.action_ids) for t in turns),
+            "conversation_s": sum(t.seconds for t in traj.answers), "feedback_s": sum(t.seconds for t in traj.feedbacks),
+            "feedback_tokens": sum(len(t.action_ids) for t in traj.feedbacks)}
 
 
 # ----------------------------------------------------------------------------------------------- systems
@@ -314,6 +319,13 @@ def markdown_report(results: dict) -> str:
         for name in names:
             m = systems[name]["metrics"]
             lines.append(f"| {name} | " + " | ".join(percent(m[k]) for k in per_category) + " |")
+    if all("feedback_s" in systems[n]["metrics"] for n in names):
+        lines += ["", "Generation time per prompt by agent (s) and feedback tokens per prompt:", "",
+                  "| system | conversation agent | feedback agent | feedback tokens |", "|---|---:|---:|---:|"]
+        for name in names:
+            m = systems[name]["metrics"]
+            lines.append(f"| {name} | {m['conversation_s']['value']:.2f} | {m['feedback_s']['value']:.2f} | "
+                         f"{m['feedback_tokens']['value']:.1f} |")
     lines += ["", "Notes:", "- FTR: fraction of prompts whose answer was revised (collaborations, oracle+template) or "
               "replaced by the fixed refusal (base+safeguard).",
               "- Feedback format: the feedback agent's output parses; label accuracy: both its labels equal the "
@@ -364,6 +376,22 @@ def write_reports(results: dict, out_dir) -> dict:
     return paths
 
 
+def rejudge(results: dict, judge, n_resamples: int, seed: int) -> dict:
+    """The same answers labelled by another judge: no generation, only new labels and metrics. A judge that training
+    did not use is the check for reward hacking (answers that fool the training judge but not another one)."""
+    rows = [r for system in results["systems"].values() for r in system["records"]]
+    items = [(r["prompt"], r[key], r["label"]) for r in rows for key in ("first_answer", "final_answer")]
+    labels = judge(*map(list, zip(*items))) if items else []
+    for i, r in enumerate(rows):
+        first, final = labels[2 * i], labels[2 * i + 1]
+        r.update(first_unsafe=first.unsafe, first_overrefuse=first.overrefuse, unsafe=final.unsafe,
+                 overrefuse=final.overrefuse)
+    for system in results["systems"].values():
+        system["metrics"] = summarize(system["records"], n_resamples, seed)
+    results["judge"] = getattr(judge, "name", str(judge))
+    return results
+
+
 # ----------------------------------------------------------------------------------------------- command line
 def select_prompts(records: list, limit=None) -> list:
     """The first `limit` prompts taken round-robin over categories (all prompts when limit is None)."""
@@ -412,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     parser.add_argument("--out", default="runs/eval", help="output folder for results.md/.json and pareto.png")
+    parser.add_argument("--rejudge", default=None, metavar="RESULTS_JSON",
+                        help="generate nothing: re-label the answers stored in an earlier results.json with --judge "
+                             "(e.g. a judge that training did not use) and write the new tables to --out")
     return parser
 
 
@@ -420,6 +451,17 @@ def main(argv=None) -> int:
     from judge import load_judge
 
     args = build_parser().parse_args(argv)
+    if args.rejudge:
+        try:
+            results = json.loads(Path(args.rejudge).read_text())
+            results["systems"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SystemExit(f"--rejudge {args.rejudge}: not a results.json written by eval.py ({err})") from None
+        results = rejudge(results, load_judge(args.judge), args.bootstrap, args.seed)
+        paths = write_reports(results, args.out)
+        print(markdown_report(results))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:

@@ -22,9 +22,9 @@ absolute numbers drift; the ratios are what to read.
    latency, the ratio to "alone" and the overhead in %, against the target of at most 15%.
    Greedy decoding makes c_0 identical in all arms, so the difference is the feedback agent (+ revisions).
 
-Untrained adapters are zero, so both agents are the base model here. The untrained 135M feedback agent rarely says
-"ok" to anything, so early stop rarely fires and it decodes up to its limit; a trained agent that approves everyday
-answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
+By default the adapters are untrained (zero), so both agents are the base model; --adapters measures a trained pair.
+The untrained 135M feedback agent rarely says "ok" to anything, so early stop rarely fires and it decodes up to its
+limit; a trained agent that approves everyday answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
 
 Defaults are sized for about 5-6 minutes on an idle 2-core CPU with the default model (batches 1,4,8; one decode step
 of the 135M model takes ~0.12 s at batch 1 there). The batch sizes 1,8,32 of our spec take ~15 minutes:
@@ -286,6 +286,8 @@ def main(argv=None):
     parser.add_argument("--parts", default="throughput,latency",
                         help="which parts to run: throughput, latency or both (comma-separated)")
     parser.add_argument("--seed", type=int, default=0, help="base random seed of the sampled throughput runs")
+    parser.add_argument("--adapters", default=None,
+                        help="trained adapters (train.py output, e.g. runs/waltzrl/adapters); default: untrained agents")
     args = parser.parse_args(argv)
 
     try:
@@ -305,7 +307,7 @@ def main(argv=None):
     print(machine_info())
     warn_if_busy()
     began = time.perf_counter()
-    model, tokenizer = load_agents_or_fresh(args.model)
+    model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
     model.eval()
     print(f"model: {args.model} loaded in {time.perf_counter() - began:.1f}s")
     records = load_prompts(args.prompts, split="eval")

@@ -210,6 +210,9 @@ def test_untrained_collaboration_first_answer_equals_base_answer(tiny_agents):
     assert [r["first_answer"] for r in records["untrained-collab"]] == [r["final_answer"] for r in records["base"]]
     for r in records["untrained-collab"]:
         assert r["feedback_output"].startswith('{"unsafe":')  # the raw feedback JSON is kept for reading
+        # per-agent cost: the two agents' shares add up to the prompt's latency; the feedback agent did generate
+        assert r["conversation_s"] + r["feedback_s"] == pytest.approx(r["latency_s"])
+        assert r["feedback_s"] > 0 and r["feedback_tokens"] >= 1
         if not r["triggered"]:
             assert r["final_answer"] == r["first_answer"] and r["feedback"] == ""
 
@@ -288,6 +291,33 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         "harmful_direct", "harmful_adversarial", "benign_sensitive", "everyday"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| waltzrl |" in (out / "results.md").read_text()
+
+
+def test_rejudge_relabels_stored_answers_without_generating(tmp_path):
+    """--rejudge: new labels from another judge on the stored answers, metrics recomputed, nothing generated."""
+    rows = [dict(record("harmful", "harmful_direct", unsafe=True), prompt="p1", first_answer="Sure, step 1",
+                 final_answer="I can't help with that."),
+            dict(record("benign", "everyday", overrefuse=False), prompt="p2", first_answer="Sure!",
+                 final_answer="Sorry, I cannot do that.")]
+    results = {"prompts": "x", "n_prompts": 2, "n_harmful": 1, "n_benign": 1, "judge": "old", "safeguard": "-",
+               "seed": 0, "bootstrap_resamples": 20, "batch_size": 1, "wall_seconds": 1.0,
+               "systems": {"base": {"metrics": {}, "records": rows}}}
+    (tmp_path / "old.json").write_text(json.dumps(results))
+    seen = []
+
+    def refusal_word_judge(prompts, responses, prompt_labels):
+        seen.extend(responses)
+        refused = [("can't" in r or "cannot" in r) for r in responses]
+        return [Labels(unsafe=label == "harmful" and not ref, overrefuse=label == "benign" and ref)
+                for label, ref in zip(prompt_labels, refused)]
+
+    out = evaluation.rejudge(json.loads((tmp_path / "old.json").read_text()), refusal_word_judge, 20, 0)
+    assert seen == ["Sure, step 1", "I can't help with that.", "Sure!", "Sorry, I cannot do that."]
+    base = out["systems"]["base"]
+    assert [(r["first_unsafe"], r["unsafe"]) for r in base["records"]][0] == (True, False)
+    assert base["metrics"]["ASR"]["value"] == 0.0 and base["metrics"]["ORR"]["value"] == 1.0
+    with pytest.raises(SystemExit, match="not a results.json"):
+        evaluation.main(["--rejudge", str(tmp_path / "missing.json"), "--judge", "default:prefix"])
 
 
 def test_main_rejects_unknown_system():
