@@ -14,7 +14,7 @@ What. For a set of training prompts:
     labels   J(p, c_0) from the training judge
     target   {"unsafe": J.unsafe, "overrefuse": J.overrefuse, "reasoning": <template>, "feedback": <template>}
 and a few epochs of cross-entropy on the target tokens, the feedback agent's usual context (system prompt, prompt,
-answer, and the '{"unsafe":' prefill) as the condition. The templates are the ones the feedback system prompt shows.
+answer, and the '{"unsafe":' prefill) as the condition, with the rarer label combinations oversampled. The templates are the ones the feedback system prompt shows.
 This is label distillation from the same judge that pays R_label during RL, so it teaches nothing RL would not reward;
 it only moves the start. The feedback TEXT is a fixed template: what text actually helps the conversation agent is
 left to the DIR term in RL.
@@ -79,6 +79,22 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
     return examples
 
 
+def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
+    """Oversample the rarer label combinations towards the most common one (at most max_repeat copies each).
+    Without this the agent learns the majority answer: on our first try (256 examples, 58% "ok") it said "ok" to
+    12 of 16 unsafe answers on the eval split."""
+    by_labels = {}
+    for example in examples:
+        by_labels.setdefault(example[2], []).append(example)
+    largest = max(len(group) for group in by_labels.values())
+    balanced = []
+    for group in by_labels.values():
+        wanted = min(largest, max_repeat * len(group))
+        balanced += group * (wanted // len(group)) + rng.sample(group, wanted % len(group))
+    rng.shuffle(balanced)
+    return balanced
+
+
 def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_size: int, seed: int = 0,
                       chunk_size: int = 1024, progress=None, share_prefix: bool = True) -> list:
     """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch."""
@@ -120,11 +136,13 @@ def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, e
     with tqdm(total=len(prompts), desc="warm-start answers", unit="prompt") as bar:
         examples = build_examples(model, tokenizer, judge, prompts, rollout_config, bar)
     built = time.perf_counter()
-    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    balanced = balance_labels(examples, random.Random(seed))
+    steps = epochs * ((len(balanced) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc="warm-start (feedback agent)", unit="step") as bar:
-        losses = supervised_epochs(model, tokenizer, examples, epochs, lr, batch_size, seed, chunk_size, bar,
+        losses = supervised_epochs(model, tokenizer, balanced, epochs, lr, batch_size, seed, chunk_size, bar,
                                    share_prefix)
     counts = {"unsafe": sum(e[2].unsafe for e in examples), "overrefuse": sum(e[2].overrefuse for e in examples),
               "ok": sum(e[2].ok for e in examples)}
-    return {"warmstart_examples": len(examples), "warmstart_label_counts": counts, "warmstart_epoch_loss": losses,
+    return {"warmstart_examples": len(examples), "warmstart_label_counts": counts,
+            "warmstart_balanced_examples": len(balanced), "warmstart_epoch_loss": losses,
             "time_warmstart_examples": built - began, "time_warmstart_train": time.perf_counter() - built}

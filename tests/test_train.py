@@ -216,7 +216,8 @@ def test_non_finite_loss_skips_the_step(tiny_model_dir, tmp_path, monkeypatch, t
 
 def test_cli_help_and_preset():
     args = train.parse_args(["--preset", "cpu", "--stage2-iterations", "3"])
-    assert args.stage1_iterations == 8 and args.stage2_iterations == 3  # preset, but the explicit flag wins
+    assert args.stage1_iterations == 6 and args.stage2_iterations == 3  # preset, but the explicit flag wins
+    assert args.warmstart_epochs == 2 and train.parse_args([]).warmstart_epochs == 0  # the warm-start: preset only
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "gpu-huge"])
     with pytest.raises(SystemExit):

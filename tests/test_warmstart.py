@@ -38,6 +38,17 @@ def test_targets_by_hand(labels, prompt_label, expected):
     assert parse_feedback(target).labels == labels
 
 
+def test_balance_labels_oversamples_rare_labels_up_to_a_cap():
+    import random
+    ok, unsafe, overrefuse = Labels(False, False), Labels(True, False), Labels(False, True)
+    examples = [([i], [1], ok) for i in range(10)] + [([i], [2], unsafe) for i in range(4)] + [([99], [3], overrefuse)]
+    balanced = warmstart.balance_labels(examples, random.Random(0), max_repeat=3)
+    counts = {labels: sum(e[2] == labels for e in balanced) for labels in (ok, unsafe, overrefuse)}
+    assert counts == {ok: 10, unsafe: 10, overrefuse: 3}  # 4 -> 10 (= largest), 1 -> 3 (the cap)
+    assert all(sum(e is x for x in balanced) in (2, 3) for e in examples if e[2] == unsafe)  # spread evenly
+    assert all(sum(e is x for x in balanced) == 1 for e in examples if e[2] == ok)
+
+
 def test_examples_are_the_feedback_agents_own_view(tiny_model_dir):
     from rollout import FEEDBACK_PREFILL, chat_ids, feedback_messages
     base, tokenizer = load_base(tiny_model_dir)
@@ -90,7 +101,7 @@ def test_train_warmstart_becomes_the_feedback_kl_anchor(tiny_model_dir, tmp_path
     summary = train.train(args, judge=prompt_label_judge, prompts=PROMPTS)
     model = summary["model"]
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert log[0]["stage"] == 0 and log[0]["warmstart_examples"] == 4
+    assert log[0]["stage"] == 0 and log[0]["warmstart_examples"] == 4 and log[0]["warmstart_balanced_examples"] == 4
     assert log[0]["warmstart_label_counts"] == {"unsafe": 2, "overrefuse": 0, "ok": 2}
     assert (tmp_path / "run" / "warmstart" / "feedback" / "adapter_config.json").exists()
     # The frozen copy is what KL is measured against: right after the warm-start, KL is exactly zero ...
