@@ -13,6 +13,9 @@ Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec
     6. update      PPO clipped surrogate + KL to the reference policy, a few epochs of minibatches, one optimizer
                    per agent; stage 1 trains only the feedback agent (lam > 0), stage 2 both (lam = 0)
 
+Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
+(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained.
+
 What we simplify or choose (the paper publishes no code or hyperparameters):
 - LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
 - KL is a loss term (the k3 estimator of Schulman, "Approximating KL Divergence", 2020, as in GRPO), not a
@@ -26,6 +29,8 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
   (as OpenRLHF does), which is safer where sampling and training numerics differ (bf16 / 4-bit on a GPU); the
   mismatch is then logged.
 - No value network, no GAE: REINFORCE++ is critic-free.
+- Shared-prefix forward (engineering, same numbers): the system prompt common to a micro-batch runs once and its
+  keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
 """
 import json
 import math
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from logprobs import token_logprobs
+from logprobs import action_logprobs, pad_batch, shared_prefix_length  # noqa: F401 (shared_prefix_length: tests)
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
                     load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import conversation_reward
@@ -188,69 +193,6 @@ def compute_advantages(samples, group_baseline: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. The update: log-probs with the fused kernel, PPO clipped surrogate, KL to pi_ref
 # ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    prefix_ids: torch.Tensor  # [P] context tokens shared by every sample (the system prompt); P may be 0
-    input_ids: torch.Tensor  # [B, S] the rest of each [context + action], right-padded
-    attention_mask: torch.Tensor  # [B, P + S] 1 on real tokens
-    action_mask: torch.Tensor  # [B, S] True on action tokens (the targets)
-
-
-def shared_prefix_length(samples, minimum: int = 16) -> int:
-    """How many leading context tokens all samples share (chat template + system prompt), keeping at least one context
-    token per row after it; 0 when there is nothing worth sharing."""
-    contexts = [s.context_ids for s in samples]
-    limit, length = min(len(c) for c in contexts) - 1, 0
-    while length < limit and all(c[length] == contexts[0][length] for c in contexts):
-        length += 1
-    return length if length >= minimum and len(samples) > 1 else 0
-
-
-def pad_batch(samples, pad_id, device, share_prefix: bool = False) -> Batch:
-    """Right-padded [context + action] ids and masks; with share_prefix the common context prefix is split off."""
-    prefix = shared_prefix_length(samples) if share_prefix else 0
-    rows = [s.context_ids[prefix:] + s.action_ids for s in samples]
-    lengths = [len(r) for r in rows]
-    input_ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
-    action_mask = torch.zeros((len(samples), max(lengths)), dtype=torch.bool)
-    for row, (s, ids) in enumerate(zip(samples, rows)):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        action_mask[row, len(s.context_ids) - prefix:len(ids)] = True
-    attention_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-    attention_mask = torch.cat([torch.ones((len(samples), prefix), dtype=torch.long), attention_mask], dim=1)
-    return Batch(torch.tensor(samples[0].context_ids[:prefix], dtype=torch.long).to(device), input_ids.to(device),
-                 attention_mask.to(device), action_mask.to(device))
-
-
-def action_logprobs(model, batch: Batch, temperature, chunk_size, with_entropy=False):
-    """log pi(a_t | s, a_<t) for every action token, flattened in row-major order: [num_action_tokens].
-
-    We run the decoder to its final hidden states and call the fused kernel on the action positions only, so the
-    [tokens, vocab] logits never exist. Tokens are scored under the TEMPERED distribution they were sampled from.
-    Shared prefix: every feedback sample starts with the same ~200-token system prompt, which is most of its tokens.
-    We run that prefix ONCE, repeat its keys/values over the batch, and run only each row's own tokens on top; the
-    gradient still flows into the prefix's LoRA activations through the cache. Same values as the plain forward, a
-    fraction of the compute (tests/test_train.py checks values and gradients).
-    """
-    causal_lm = model.get_base_model()  # LoRA layers live inside it, so the active adapter applies
-    decoder = causal_lm.get_decoder()
-    prefix_length = batch.prefix_ids.numel()
-    if prefix_length == 0:
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    else:
-        cache = decoder(input_ids=batch.prefix_ids[None], use_cache=True).past_key_values
-        cache.batch_repeat_interleave(batch.input_ids.shape[0])
-        positions = torch.arange(prefix_length, prefix_length + batch.input_ids.shape[1], device=batch.input_ids.device)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, past_key_values=cache,
-                         position_ids=positions[None].expand(batch.input_ids.shape[0], -1),
-                         use_cache=True).last_hidden_state
-    predicts_action = batch.action_mask[:, 1:]  # hidden state at position i predicts token i + 1
-    action_hidden = hidden[:, :-1][predicts_action]
-    targets = batch.input_ids[:, 1:][predicts_action]
-    return token_logprobs(action_hidden, causal_lm.get_output_embeddings().weight, targets, temperature,
-                          chunk_size=chunk_size, return_entropy=with_entropy)
-
-
 def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef):
     """Per-token PPO clipped surrogate plus k3 KL to the reference; returns (sum over tokens, stats).
 

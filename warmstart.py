@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from logprobs import action_logprobs, pad_batch
 from models import use_agent
 from reward import Labels, format_feedback_json
 from rollout import FEEDBACK_PREFILL, Trajectory, chat_ids, conversation_messages, feedback_messages, run_agent
@@ -98,7 +99,7 @@ def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
 def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_size: int, seed: int = 0,
                       chunk_size: int = 1024, progress=None, share_prefix: bool = True) -> list:
     """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch."""
-    from train import Sample, action_logprobs, pad_batch  # train.py imports this file lazily: no cycle at load time
+    from train import Sample  # train.py imports this file lazily: no cycle at load time
 
     use_agent(model, "feedback")
     model.train()
