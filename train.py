@@ -68,7 +68,7 @@ class Args:
     warmstart_lr: float = 2e-4  # AdamW learning rate of the warm-start
     # --- schedule (the paper's two stages)
     stage1_iterations: int = 3  # stage 1: only the feedback agent trains, with the label reward (lam > 0)
-    stage2_iterations: int = 3  # stage 2: both agents train, lam = 0 (DIR stays gated by the label reward)
+    stage2_iterations: int = 3  # stage 2: both agents train, lam = --stage2-lam (paper: 0; DIR stays gated)
     prompts_per_iteration: int = 6  # distinct prompts rolled out per iteration
     samples_per_prompt: int = 1  # trajectories per prompt; > 1 turns on the per-prompt group baseline
     # --- rollout
@@ -81,7 +81,8 @@ class Args:
     rollout_batch_size: int = 16  # sequences generated together
     # --- rewards (coefficients are not published; METHOD.md defaults)
     alpha: float = 1.0  # weight of the gated Dynamic Improvement Reward R_dir * R_label
-    lam: float = 1.0  # weight of the label reward in stage 1 (stage 2 uses 0)
+    lam: float = 1.0  # weight of the label reward in stage 1
+    stage2_lam: float = 0.0  # weight of the label reward in stage 2 (paper: 0; > 0 keeps false alarms costly)
     gamma: float = 0.1  # weight of the format reward
     # --- optimisation
     feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
@@ -408,7 +409,10 @@ def train(args: Args, judge=None, prompts=None) -> dict:
         for iteration in bar:
             stage = 1 if iteration < args.stage1_iterations else 2
             trained = ("feedback",) if stage == 1 else AGENTS
-            lam = args.lam if stage == 1 else 0.0  # stage 2 drops the additive label reward; the DIR gate stays
+            # Stage 2 drops the additive label reward (the paper's lam = 0); the DIR gate stays. Then a correct "ok"
+            # and a false alarm both earn only gamma: our 135M feedback agent drifts to flagging more (README
+            # "Results"); --stage2-lam > 0 keeps paying for correct labels.
+            lam = args.lam if stage == 1 else args.stage2_lam
 
             # 1. rollout
             began = time.perf_counter()

@@ -138,6 +138,9 @@ def test_stage1_trains_only_feedback_and_stage2_both(tiny_model_dir, tmp_path, t
     assert not lora_b_is_zero(summary["model"], "feedback")
     assert not lora_b_is_zero(summary["model"], "conversation")
     assert all(h["stage"] == 2 and h["lam"] == 0.0 for h in summary["history"])
+    summary = train.train(tiny_args(tiny_model_dir, tmp_path / "s2lam", stage1_iterations=0, stage2_iterations=1,
+                                    stage2_lam=0.5), judge=toy_judge, prompts=PROMPTS)
+    assert [h["lam"] for h in summary["history"]] == [0.5]
 
 
 def test_base_weights_never_change(tiny_model_dir, tmp_path, toy_feedback):
