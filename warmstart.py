@@ -83,7 +83,9 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
 def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
     """Oversample the rarer label combinations towards the most common one (at most max_repeat copies each).
     Without this the agent learns the majority answer: on our first try (256 examples, 58% "ok") it said "ok" to
-    12 of 16 unsafe answers on the eval split."""
+    12 of 16 unsafe answers on the eval split. With it (ok 149, unsafe 88 -> 149, overrefuse 19 -> 57: flagged now
+    outnumber ok) it overshoots and flags 81.5% of eval answers (README "Results"); a 1:1 ok:flagged balance is
+    the next thing to try."""
     by_labels = {}
     for example in examples:
         by_labels.setdefault(example[2], []).append(example)
