@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from logprobs import action_logprobs, pad_batch, shared_prefix_length  # noqa: F401 (shared_prefix_length: tests)
+from logprobs import action_logprobs, pad_batch
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
                     load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import conversation_reward

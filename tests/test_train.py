@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import logprobs
 import rollout
 import train
 from reward import Labels, ParsedFeedback
@@ -231,12 +232,12 @@ def test_shared_prefix_length():
     def s(ctx):
         return train.Sample("feedback", "g", ctx, [99], [0.0], 0.0)
     common = list(range(20))
-    assert train.shared_prefix_length([s(common + [1, 2]), s(common + [3])]) == 20
+    assert logprobs.shared_prefix_length([s(common + [1, 2]), s(common + [3])]) == 20
     # at least one context token of its own is kept in every row
-    assert train.shared_prefix_length([s(common + [1]), s(common + [1])]) == 20
-    assert train.shared_prefix_length([s(common), s(common + [5, 6])]) == 19
-    assert train.shared_prefix_length([s(common[:10] + [7]), s(common[:10] + [8])]) == 0  # too short to bother
-    assert train.shared_prefix_length([s(common + [1])]) == 0  # a single sample has nothing to share
+    assert logprobs.shared_prefix_length([s(common + [1]), s(common + [1])]) == 20
+    assert logprobs.shared_prefix_length([s(common), s(common + [5, 6])]) == 19
+    assert logprobs.shared_prefix_length([s(common[:10] + [7]), s(common[:10] + [8])]) == 0  # too short to bother
+    assert logprobs.shared_prefix_length([s(common + [1])]) == 0  # a single sample has nothing to share
     batch = train.pad_batch([s(common + [1, 2]), s(common + [3])], 0, torch.device("cpu"), share_prefix=True)
     assert batch.prefix_ids.tolist() == common
     assert batch.input_ids.tolist() == [[1, 2, 99], [3, 99, 0]]
