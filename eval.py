@@ -445,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(e.g. a judge that training did not use) and write the new tables to --out")
     return parser
 
+def report(results: dict, out_dir) -> int:
+    """Write results.json/.md and pareto.png, print the table and where they are."""
+    paths = write_reports(results, out_dir)
+    print(markdown_report(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
 
 def main(argv=None) -> int:
     from data import DatasetLoadError, PromptFileError, load_prompts
@@ -457,11 +464,7 @@ def main(argv=None) -> int:
             results["systems"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise SystemExit(f"--rejudge {args.rejudge}: not a results.json written by eval.py ({err})") from None
-        results = rejudge(results, load_judge(args.judge), args.bootstrap, args.seed)
-        paths = write_reports(results, args.out)
-        print(markdown_report(results))
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-        return 0
+        return report(rejudge(results, load_judge(args.judge), args.bootstrap, args.seed), args.out)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
@@ -512,10 +515,7 @@ def main(argv=None) -> int:
                "config": vars(args), "wall_seconds": time.perf_counter() - began,
                "systems": {name: {"metrics": summarize(rows, args.bootstrap, args.seed), "records": rows}
                            for name, rows in records.items()}}
-    paths = write_reports(results, args.out)
-    print(markdown_report(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return report(results, args.out)
 
 
 if __name__ == "__main__":
