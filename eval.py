@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(e.g. a judge that training did not use) and write the new tables to --out")
     return parser
 
+
 def report(results: dict, out_dir) -> int:
     """Write results.json/.md and pareto.png, print the table and where they are."""
     paths = write_reports(results, out_dir)
