@@ -46,25 +46,12 @@ sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path
 
 import torch  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from data import load_prompts  # noqa: E402
 from models import DEFAULT_MODEL, load_agents_or_fresh, use_agent  # noqa: E402
 from reward import labels_prefix_complete  # noqa: E402
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
                      rollout, sample)
-
-
-def machine_info() -> str:
-    """One line about where the numbers come from (CPU model, cores, torch, threads, current load)."""
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average (1/5/15 min) {load}")
 
 
 def warn_if_busy():

@@ -59,6 +59,8 @@ sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 import torch  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
+
 PHASES = ("rollout", "judge", "update")
 FULL_LENGTHS, FULL_BATCHES = "128,256,512", "4,8,16"
 
@@ -184,19 +186,6 @@ def worker(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Parent: spawn the grid, print the table and the growth exponents
 # ---------------------------------------------------------------------------------------------------------------------
-def machine_info() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average (1/5/15 min) {load}")
-
-
 def spawn(length, batch, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--length", str(length), "--batch", str(batch),
            "--model", args.model, "--judge", args.judge, "--seed", str(args.seed),
