@@ -66,6 +66,7 @@ class Args:
     warmstart_epochs: int = 0  # epochs of label imitation before stage 1 (0 = off, as in the paper; cpu preset: 2)
     warmstart_prompts: int = 0  # training prompts answered and judged for the warm-start (0 = all)
     warmstart_lr: float = 2e-4  # AdamW learning rate of the warm-start
+    warmstart_label_weight: float = 1.0  # loss weight of the two label-value tokens vs the template tokens (cpu: 10)
     # --- schedule (the paper's two stages)
     stage1_iterations: int = 3  # stage 1: only the feedback agent trains, with the label reward (lam > 0)
     stage2_iterations: int = 3  # stage 2: both agents train, lam = --stage2-lam (paper: 0; DIR stays gated)
@@ -82,7 +83,7 @@ class Args:
     # --- rewards (coefficients are not published; METHOD.md defaults)
     alpha: float = 1.0  # weight of the gated Dynamic Improvement Reward R_dir * R_label
     lam: float = 1.0  # weight of the label reward in stage 1
-    stage2_lam: float = 0.0  # weight of the label reward in stage 2 (paper: 0; > 0 keeps false alarms costly)
+    stage2_lam: float = 0.0  # weight of the label reward in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu: 0.5)
     gamma: float = 0.1  # weight of the format reward
     # --- optimisation
     feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
@@ -105,12 +106,13 @@ class Args:
     def __post_init__(self):
         if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
             self.stage1_iterations, self.stage2_iterations, self.prompts_per_iteration = 6, 10, 16
-            self.warmstart_epochs = 2
+            self.warmstart_epochs, self.warmstart_label_weight, self.stage2_lam = 2, 10.0, 0.5
         elif self.preset:
             raise SystemExit(f"--preset: unknown preset '{self.preset}' (known: cpu)")
 
 
-PRESET_FIELDS = {"cpu": ("stage1_iterations", "stage2_iterations", "prompts_per_iteration", "warmstart_epochs")}
+PRESET_FIELDS = {"cpu": ("stage1_iterations", "stage2_iterations", "prompts_per_iteration", "warmstart_epochs",
+                         "warmstart_label_weight", "stage2_lam")}
 
 
 def parse_args(argv=None) -> Args:
@@ -393,7 +395,8 @@ def train(args: Args, judge=None, prompts=None) -> dict:
             count = min(args.warmstart_prompts or len(prompts), len(prompts))
             record = warmstart_feedback_agent(model, tokenizer, judge, rng.sample(prompts, count), rollout_config,
                                               args.warmstart_epochs, args.warmstart_lr, args.micro_batch_size,
-                                              args.seed, args.logprob_chunk_size, share_prefix(args))
+                                              args.seed, args.logprob_chunk_size, share_prefix(args),
+                                              args.warmstart_label_weight)
             save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
             with open(log_path, "a") as f:
                 f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")

@@ -14,7 +14,10 @@ What. For a set of training prompts:
     labels   J(p, c_0) from the training judge
     target   {"unsafe": J.unsafe, "overrefuse": J.overrefuse, "reasoning": <template>, "feedback": <template>}
 and a few epochs of cross-entropy on the target tokens, the feedback agent's usual context (system prompt, prompt,
-answer, and the '{"unsafe":' prefill) as the condition, with the rarer label combinations oversampled. The templates are the ones the feedback system prompt shows.
+answer, and the '{"unsafe":' prefill) as the condition. The templates are the ones the feedback system prompt shows.
+Three details, each from a measurement (README "Results"): ok and flagged answers are balanced 1:1 (balance_labels);
+the two label-value tokens weigh label_weight times the template tokens (supervised_epochs); half of the answers are
+greedy, as at eval and inference, half sampled, as in RL (build_examples).
 This is label distillation from the same judge that pays R_label during RL, so it teaches nothing RL would not reward;
 it only moves the start. The feedback TEXT is a fixed template: what text actually helps the conversation agent is
 left to the DIR term in RL.
@@ -23,7 +26,9 @@ After the warm-start the feedback agent's KL anchor is the warm-started policy, 
 anchors to the SFT model): train.py keeps a frozen copy of the warm-started adapter, "feedback_reference".
 """
 import random
+import re
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -56,17 +61,41 @@ def warmstart_target(labels: Labels, prompt_label: str) -> str:
     return format_feedback_json(labels, feedback, reasoning)
 
 
-def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=None) -> list:
-    """(context_ids, target_ids, labels) per prompt: the conversation agent's answer, judged, with its target JSON."""
+class Example(NamedTuple):
+    context: list  # token ids: the feedback agent's context, ending in the '{"unsafe":' prefill
+    target: list  # token ids: the rest of the target JSON
+    labels: Labels  # the judge's labels of the answer in the context
+    label_mask: list  # per target token: True where it spells a label value (true/false)
+
+
+def label_token_mask(tokenizer, target_text: str) -> tuple[list, list]:
+    """Tokenise the target (text after the prefill) and mark the tokens of its two label values."""
+    encoded = tokenizer(target_text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [m.span(1) for m in re.finditer(r'(?:^|"overrefuse":)\s*(true|false)', target_text)]
+    mask = [any(start < span_end and end > span_start for span_start, span_end in spans)
+            for start, end in encoded["offset_mapping"]]
+    return encoded["input_ids"], mask
+
+
+def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=None, greedy_share: float = 0.0) -> list:
+    """One Example per prompt: the conversation agent's answer, judged, with its target JSON.
+
+    greedy_share: the first that fraction of the prompts get a GREEDY answer, the rest a sampled one (the rollout's
+    temperature). Why: RL shows the feedback agent sampled answers, but eval.py and infer.py decode greedily, and
+    greedy answers of a small model look different (longer, repetitive). Trained on sampled answers only, the
+    warm-started agent got the labels right on 70% of sampled eval answers but on 43.5% of the greedy ones, flagging
+    81.5% of them (issue 7 measurements, README "Results")."""
     contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
+    greedy = round(greedy_share * len(contexts))
     model.eval()
     answers = []
-    for start in range(0, len(contexts), rollout_config.batch_size):
-        chunk = contexts[start:start + rollout_config.batch_size]
-        answers += run_agent(model, tokenizer, "conversation", chunk, rollout_config.conversation_max_new_tokens,
-                             rollout_config.conversation_temperature, rollout_config)
-        if progress is not None:
-            progress.update(len(chunk))
+    for begin, end, temperature in ((0, greedy, 0.0), (greedy, len(contexts), rollout_config.conversation_temperature)):
+        for start in range(begin, end, rollout_config.batch_size):
+            chunk = contexts[start:min(start + rollout_config.batch_size, end)]
+            answers += run_agent(model, tokenizer, "conversation", chunk, rollout_config.conversation_max_new_tokens,
+                                 temperature, rollout_config)
+            if progress is not None:
+                progress.update(len(chunk))
     judged = judge([p["prompt"] for p in prompts], [a.text for a in answers], [p["label"] for p in prompts])
     examples = []
     for p, answer, labels in zip(prompts, answers, judged):
@@ -75,32 +104,34 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
         assert target_text.startswith(FEEDBACK_PREFILL)
         # The prefill is already in the context, tokenised on its own exactly as in rollout.chat_ids; the target is
         # the rest, up to the closing brace where the rollout stops decoding (no end-of-turn token needed).
-        target = tokenizer(target_text[len(FEEDBACK_PREFILL):], add_special_tokens=False)["input_ids"]
-        examples.append((context, target, labels))
+        target, label_mask = label_token_mask(tokenizer, target_text[len(FEEDBACK_PREFILL):])
+        examples.append(Example(context, target, labels, label_mask))
     return examples
 
 
 def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
-    """Oversample the rarer label combinations towards the most common one (at most max_repeat copies each).
-    Without this the agent learns the majority answer: on our first try (256 examples, 58% "ok") it said "ok" to
-    12 of 16 unsafe answers on the eval split. With it (ok 149, unsafe 88 -> 149, overrefuse 19 -> 57: flagged now
-    outnumber ok) it overshoots and flags 81.5% of eval answers (README "Results"); a 1:1 ok:flagged balance is
-    the next thing to try."""
-    by_labels = {}
-    for example in examples:
-        by_labels.setdefault(example[2], []).append(example)
-    largest = max(len(group) for group in by_labels.values())
-    balanced = []
-    for group in by_labels.values():
-        wanted = min(largest, max_repeat * len(group))
-        balanced += group * (wanted // len(group)) + rng.sample(group, wanted % len(group))
+    """Oversample the rarer side of ok vs flagged (unsafe or overrefuse) to a 1:1 ratio, at most max_repeat copies of
+    an example. Why 1:1. Unbalanced (256 examples, 58% ok), the agent said "ok" to 12 of 16 unsafe answers on 40 eval
+    prompts. Bringing each label combination up to the largest one instead (ok 149, unsafe 88 -> 149, overrefuse
+    19 -> 57) overshot: flagged outnumbered ok 206:149 and the agent flagged 81.5% of eval answers (README "Results")."""
+    ok = [e for e in examples if e.labels.ok]
+    flagged = [e for e in examples if not e.labels.ok]
+    rarer, commoner = sorted([ok, flagged], key=len)
+    if not rarer:
+        return rng.sample(examples, len(examples))
+    wanted = min(len(commoner), max_repeat * len(rarer))
+    balanced = commoner + rarer * (wanted // len(rarer)) + rng.sample(rarer, wanted % len(rarer))
     rng.shuffle(balanced)
     return balanced
 
 
 def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_size: int, seed: int = 0,
-                      chunk_size: int = 1024, progress=None, share_prefix: bool = True) -> list:
-    """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch."""
+                      chunk_size: int = 1024, progress=None, share_prefix: bool = True, label_weight: float = 1.0) -> list:
+    """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch.
+
+    label_weight > 1 weighs the two label-value tokens that much more than the others. Why: the ~35-token target is
+    a template once the labels are chosen, so a plain token mean spends ~95% of its weight on copying the template
+    and little on the one decision that matters (unsafe? overrefuse?)."""
     from train import Sample  # train.py imports this file lazily: no cycle at load time
 
     use_agent(model, "feedback")
@@ -109,14 +140,17 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     rng = random.Random(seed)
-    samples = [Sample("feedback", str(i), ctx, target, [], 0.0) for i, (ctx, target, _) in enumerate(examples)]
+    samples = [Sample("feedback", str(i), e.context, e.target, [], 0.0) for i, e in enumerate(examples)]
+    weights = {id(s): torch.tensor([label_weight if m else 1.0 for m in e.label_mask], device=device)
+               for s, e in zip(samples, examples)}
     epoch_losses = []
     for _ in range(epochs):
         rng.shuffle(samples)
         losses = []
         for start in range(0, len(samples), batch_size):
             batch = pad_batch(samples[start:start + batch_size], tokenizer.pad_token_id, device, share_prefix)
-            loss = -action_logprobs(model, batch, 1.0, chunk_size).mean()  # token-mean negative log-likelihood
+            weight = torch.cat([weights[id(s)] for s in samples[start:start + batch_size]])  # action_logprobs' order
+            loss = -(action_logprobs(model, batch, 1.0, chunk_size) * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -131,21 +165,21 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
 
 
 def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, epochs=2, lr=2e-4, batch_size=8,
-                             seed=0, chunk_size=1024, share_prefix=True) -> dict:
+                             seed=0, chunk_size=1024, share_prefix=True, label_weight=1.0, greedy_share=0.5) -> dict:
     """Build the examples and train on them; returns a record for the training log."""
     from tqdm import tqdm
 
     began = time.perf_counter()
     with tqdm(total=len(prompts), desc="warm-start answers", unit="prompt") as bar:
-        examples = build_examples(model, tokenizer, judge, prompts, rollout_config, bar)
+        examples = build_examples(model, tokenizer, judge, prompts, rollout_config, bar, greedy_share)
     built = time.perf_counter()
     balanced = balance_labels(examples, random.Random(seed))
     steps = epochs * ((len(balanced) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc="warm-start (feedback agent)", unit="step") as bar:
         losses = supervised_epochs(model, tokenizer, balanced, epochs, lr, batch_size, seed, chunk_size, bar,
-                                   share_prefix)
-    counts = {"unsafe": sum(e[2].unsafe for e in examples), "overrefuse": sum(e[2].overrefuse for e in examples),
-              "ok": sum(e[2].ok for e in examples)}
+                                   share_prefix, label_weight)
+    counts = {"unsafe": sum(e.labels.unsafe for e in examples), "overrefuse": sum(e.labels.overrefuse for e in examples),
+              "ok": sum(e.labels.ok for e in examples)}
     return {"warmstart_examples": len(examples), "warmstart_label_counts": counts,
             "warmstart_balanced_examples": len(balanced), "warmstart_epoch_loss": losses,
             "time_warmstart_examples": built - began, "time_warmstart_train": time.perf_counter() - built}

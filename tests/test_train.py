@@ -222,6 +222,9 @@ def test_cli_help_and_preset():
     args = train.parse_args(["--preset", "cpu", "--stage2-iterations", "3"])
     assert args.stage1_iterations == 6 and args.stage2_iterations == 3  # preset, but the explicit flag wins
     assert args.warmstart_epochs == 2 and train.parse_args([]).warmstart_epochs == 0  # the warm-start: preset only
+    assert (args.stage2_lam, args.warmstart_label_weight) == (0.5, 10.0)  # the preset's departures ...
+    assert (train.parse_args([]).stage2_lam, train.parse_args([]).warmstart_label_weight) == (0.0, 1.0)  # not default
+    assert train.parse_args(["--preset", "cpu", "--stage2-lam", "0"]).stage2_lam == 0.0
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "gpu-huge"])
     with pytest.raises(SystemExit):

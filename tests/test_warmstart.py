@@ -38,15 +38,37 @@ def test_targets_by_hand(labels, prompt_label, expected):
     assert parse_feedback(target).labels == labels
 
 
-def test_balance_labels_oversamples_rare_labels_up_to_a_cap():
+def example(labels, i=0):
+    return warmstart.Example([i], [1], labels, [True])
+
+
+def test_balance_labels_brings_ok_and_flagged_to_one_to_one():
     import random
     ok, unsafe, overrefuse = Labels(False, False), Labels(True, False), Labels(False, True)
-    examples = [([i], [1], ok) for i in range(10)] + [([i], [2], unsafe) for i in range(4)] + [([99], [3], overrefuse)]
+    examples = [example(ok, i) for i in range(10)] + [example(unsafe, i) for i in range(4)] + [example(overrefuse)]
     balanced = warmstart.balance_labels(examples, random.Random(0), max_repeat=3)
-    counts = {labels: sum(e[2] == labels for e in balanced) for labels in (ok, unsafe, overrefuse)}
-    assert counts == {ok: 10, unsafe: 10, overrefuse: 3}  # 4 -> 10 (= largest), 1 -> 3 (the cap)
-    assert all(sum(e is x for x in balanced) in (2, 3) for e in examples if e[2] == unsafe)  # spread evenly
-    assert all(sum(e is x for x in balanced) == 1 for e in examples if e[2] == ok)
+    counts = {labels: sum(e.labels == labels for e in balanced) for labels in (ok, unsafe, overrefuse)}
+    assert counts == {ok: 10, unsafe: 8, overrefuse: 2}  # flagged 5 -> 10 = ok, each flagged example twice
+    assert all(sum(e is x for x in balanced) == 2 for e in examples if not e.labels.ok)
+    assert all(sum(e is x for x in balanced) == 1 for e in examples if e.labels.ok)
+    # The cap: 1 flagged vs 10 ok -> 3 copies, not 10; and when flagged is the commoner side, ok is oversampled.
+    capped = warmstart.balance_labels([example(ok, i) for i in range(10)] + [example(unsafe)], random.Random(0))
+    assert sum(not e.labels.ok for e in capped) == 3 and len(capped) == 13
+    flipped = warmstart.balance_labels([example(ok)] + [example(unsafe, i) for i in range(2)], random.Random(0))
+    assert sum(e.labels.ok for e in flipped) == 2 and len(flipped) == 4
+
+
+@pytest.mark.parametrize("target_text, label_values", [
+    (' true, "overrefuse": false, "reasoning": "x true false", "feedback": "y"}', ["true", "false"]),
+    (' false, "overrefuse": true, "reasoning": "", "feedback": "Answer it, true."}', ["false", "true"]),
+])
+def test_label_token_mask_marks_only_the_two_label_values(tiny_model_dir, target_text, label_values):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = warmstart.label_token_mask(tokenizer, target_text)
+    assert ids == tokenizer(target_text, add_special_tokens=False)["input_ids"] and len(mask) == len(ids)
+    marked = [tokenizer.decode([i]).strip() for i, m in zip(ids, mask) if m]
+    assert "".join(marked) == "".join(label_values)  # the words in reasoning/feedback are not marked
 
 
 def test_examples_are_the_feedback_agents_own_view(tiny_model_dir):
@@ -55,13 +77,31 @@ def test_examples_are_the_feedback_agents_own_view(tiny_model_dir):
     model = attach_agents(base)
     examples = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS,
                                         RolloutConfig(conversation_max_new_tokens=5))
-    assert [labels for _, _, labels in examples] == [Labels(i % 2 == 1, False) for i in range(4)]
-    for p, (context, target, labels) in zip(PROMPTS, examples):
+    assert [e.labels for e in examples] == [Labels(i % 2 == 1, False) for i in range(4)]
+    for p, (context, target, labels, label_mask) in zip(PROMPTS, examples):
         # The context is the feedback agent's usual one (rollout.chat_ids) with the sampled answer in it.
         empty_answer = chat_ids(tokenizer, feedback_messages(p["prompt"], ""), FEEDBACK_PREFILL)
         assert tokenizer.decode(context).endswith(FEEDBACK_PREFILL) and len(context) > len(empty_answer)
         assert p["prompt"] in tokenizer.decode(context)
         assert parse_feedback(FEEDBACK_PREFILL + tokenizer.decode(target)).labels == labels
+        label_words = tokenizer.decode([t for t, m in zip(target, label_mask) if m]).replace(" ", "")
+        assert label_words == f"{str(labels.unsafe).lower()}{str(labels.overrefuse).lower()}"
+
+
+def test_greedy_share_answers_that_many_prompts_greedily(tiny_model_dir):
+    """The first greedy_share of the prompts get the greedy answer (the same on every call); the rest are sampled."""
+    base, tokenizer = load_base(tiny_model_dir)
+    model = attach_agents(base)
+    config = RolloutConfig(conversation_max_new_tokens=8, batch_size=3)
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=0.5))
+    assert [e.context for e in runs[0][:2]] == [e.context for e in runs[1][:2]]  # greedy: seed-independent
+    assert [e.context for e in runs[0][2:]] != [e.context for e in runs[1][2:]]  # sampled at temperature 1
+    torch.manual_seed(2)
+    all_greedy = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=1.0)
+    assert [e.context for e in all_greedy[:2]] == [e.context for e in runs[0][:2]]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +122,26 @@ def test_supervised_loss_falls_and_only_the_feedback_adapter_moves(learnable_tin
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
     assert all(torch.equal(a, b) for a, b in zip(conversation_before, adapter_parameters(model, "conversation")))
     assert any(torch.count_nonzero(p) for n, p in model.named_parameters() if "lora_B.feedback" in n)
+
+
+def test_label_weight_is_a_weighted_token_mean_over_the_right_tokens(tiny_model_dir):
+    """lr = 0: the returned loss is the loss before any step; recompute it by hand, sample by sample."""
+    base, tokenizer = load_base(tiny_model_dir)
+    model = attach_agents(base)
+    examples = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS,
+                                        RolloutConfig(conversation_max_new_tokens=5))
+    use_agent(model, "feedback")
+    numerator = denominator = 0.0
+    for e in examples:
+        sample = train.Sample("feedback", "g", e.context, e.target, [], 0.0)
+        with torch.no_grad():
+            logprobs = train.action_logprobs(model, train.pad_batch([sample], tokenizer.pad_token_id, "cpu"), 1.0, 64)
+        weight = torch.tensor([5.0 if m else 1.0 for m in e.label_mask])
+        numerator, denominator = numerator - (logprobs * weight).sum().item(), denominator + weight.sum().item()
+    losses = warmstart.supervised_epochs(model, tokenizer, examples, epochs=1, lr=0.0, batch_size=4, label_weight=5.0)
+    assert losses[0] == pytest.approx(numerator / denominator, rel=1e-4)
+    plain = warmstart.supervised_epochs(model, tokenizer, examples, epochs=1, lr=0.0, batch_size=4)
+    assert abs(plain[0] - losses[0]) > 1e-3  # the weight changed the loss (the label tokens are not average tokens)
 
 
 def feedback_logprobs(model, tokenizer, sample, reference: bool):
