@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infer import add_generation_limit_flags, generation_limits
 from models import AGENTS, DEFAULT_MODEL, attach_agents, load_agents, load_base, reference_policy
 from reward import ParsedFeedback, parse_feedback
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, Turn, chat_ids, conversation_messages,
@@ -431,9 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--safeguard", default="judge", choices=("judge", "feedback-agent"),
                         help="safety check of base+safeguard: 'judge' (oracle safeguard: the judge's unsafe label) or "
                              "'feedback-agent' (the untrained feedback agent's unsafe label)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="length limit of each answer, in tokens")
-    parser.add_argument("--feedback-max-new-tokens", type=int, default=96,
-                        help="length limit of the feedback agent's JSON, in tokens")
+    add_generation_limit_flags(parser)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of both agents; 0 = greedy (default, reproducible)")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling (temperature > 0) and the bootstrap")
@@ -482,6 +481,8 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"--adapters {args.adapters}: no saved adapter for {missing} "
                              f"(expected {args.adapters}/<agent>/adapter_config.json, the output of train.py)")
+    args.max_new_tokens, args.feedback_max_new_tokens = generation_limits(args.adapters, args.max_new_tokens,
+                                                                          args.feedback_max_new_tokens)
     for flag in ("max_new_tokens", "feedback_max_new_tokens", "batch_size", "bootstrap"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -22,6 +22,7 @@ rollout.py's trajectories are single-prompt). Latency is the generation time of 
 parsing are negligible); with --batch-size > 1 each prompt is charged its share of its batch's wall time.
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -187,6 +188,42 @@ def interactive(model, tokenizer, config, use_feedback, show_feedback, session) 
         print("assistant> " + format_reply(reply, show_feedback, use_feedback))
 
 
+def generation_limits(adapters, max_new_tokens, feedback_max_new_tokens) -> tuple[int, int]:
+    """Answer and feedback length limits: the flags if given, else the training run's (args.json written by train.py
+    next to its adapters/ and warmstart/ folders), else 128 / 96.
+
+    Why default to the training run's: the feedback agent only ever read answers cut at the training limit. Shown
+    longer answers at eval it judges what it never saw; our warm-started 135M agent flagged most of them (label
+    accuracy 59% on greedy answers cut at 64 tokens vs 82% cut at 48, its training limit; README "Results")."""
+    trained = {}
+    run_args = Path(adapters).resolve().parent / "args.json" if adapters else None
+    if run_args is not None and run_args.exists():
+        try:
+            trained = json.loads(run_args.read_text())
+        except json.JSONDecodeError as err:
+            print(f"warning: {run_args}: not JSON ({err}); using the eval defaults", file=sys.stderr)
+    limits = []
+    for flag, given, key, fallback in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens", 128),
+                                       ("--feedback-max-new-tokens", feedback_max_new_tokens,
+                                        "feedback_max_new_tokens", 96)):
+        at_training = trained.get(key) if isinstance(trained.get(key), int) else None
+        if given is not None and at_training is not None and given > at_training:
+            print(f"warning: {flag} {given} is longer than the training run's {at_training} ({run_args}): the "
+                  f"agents are evaluated on lengths they never saw", file=sys.stderr)
+        limits.append(given if given is not None else at_training if at_training is not None else fallback)
+    return limits[0], limits[1]
+
+
+def add_generation_limit_flags(parser) -> None:
+    """--max-new-tokens and --feedback-max-new-tokens (shared with eval.py); resolve them with generation_limits."""
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="length limit of each answer, in tokens (default: the training run's, read from "
+                             "args.json beside --adapters; else 128)")
+    parser.add_argument("--feedback-max-new-tokens", type=int, default=None,
+                        help="length limit of the feedback agent's JSON, in tokens (default: the training run's; "
+                             "else 96)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Adaptive-feedback inference with the two WaltzRL agents: the feedback agent checks every "
@@ -213,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "it was revised")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of both agents; 0 = greedy (default, reproducible)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="length limit of each answer, in tokens")
-    parser.add_argument("--feedback-max-new-tokens", type=int, default=96,
-                        help="length limit of the feedback agent's JSON, in tokens")
+    add_generation_limit_flags(parser)
     parser.add_argument("--max-rounds", type=int, default=1, help="T_max feedback rounds (the paper uses 1)")
     parser.add_argument("--no-early-stop", action="store_true",
                         help="let the feedback agent finish its JSON even after writing two false labels (slower)")
@@ -233,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.max_new_tokens, args.feedback_max_new_tokens = generation_limits(args.adapters, args.max_new_tokens,
+                                                                          args.feedback_max_new_tokens)
     for flag in ("max_new_tokens", "feedback_max_new_tokens", "max_rounds", "batch_size"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -320,6 +320,22 @@ def test_rejudge_relabels_stored_answers_without_generating(tmp_path):
         evaluation.main(["--rejudge", str(tmp_path / "missing.json"), "--judge", "default:prefix"])
 
 
+def test_generation_limits_default_to_the_training_runs(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "adapters").mkdir(parents=True)
+    assert evaluation.generation_limits(str(run / "adapters"), None, None) == (128, 96)  # no args.json: eval defaults
+    (run / "args.json").write_text(json.dumps({"conversation_max_new_tokens": 48, "feedback_max_new_tokens": 64}))
+    assert evaluation.generation_limits(str(run / "adapters"), None, None) == (48, 64)
+    assert evaluation.generation_limits(str(run / "adapters"), 32, None) == (32, 64)  # a flag wins
+    assert capsys.readouterr().err == ""
+    assert evaluation.generation_limits(str(run / "adapters"), 64, None) == (64, 64)
+    assert "--max-new-tokens 64 is longer than the training run's 48" in capsys.readouterr().err
+    assert evaluation.generation_limits(None, None, None) == (128, 96)
+    (run / "args.json").write_text("{not json")
+    assert evaluation.generation_limits(str(run / "adapters"), None, 5) == (128, 5)
+    assert "not JSON" in capsys.readouterr().err
+
+
 def test_main_rejects_unknown_system():
     with pytest.raises(SystemExit, match="unknown system"):
         evaluation.main(["--systems", "base,llama-guard"])
