@@ -15,7 +15,7 @@ What. For a set of training prompts:
     target   {"unsafe": J.unsafe, "overrefuse": J.overrefuse, "reasoning": <template>, "feedback": <template>}
 and a few epochs of cross-entropy on the target tokens, the feedback agent's usual context (system prompt, prompt,
 answer, and the '{"unsafe":' prefill) as the condition. The templates are the ones the feedback system prompt shows.
-Three details, each from a measurement (README "Results"): ok and flagged answers are balanced 1:1 (balance_labels);
+Three details (README "Results" has what each did): ok and flagged answers are balanced 1:1 (balance_labels);
 the two label-value tokens weigh label_weight times the template tokens (supervised_epochs); half of the answers are
 greedy, as at eval and inference, half sampled, as in RL (build_examples).
 This is label distillation from the same judge that pays R_label during RL, so it teaches nothing RL would not reward;
@@ -82,9 +82,9 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
 
     greedy_share: the first that fraction of the prompts get a GREEDY answer, the rest a sampled one (the rollout's
     temperature). Why: RL shows the feedback agent sampled answers, but eval.py and infer.py decode greedily, and
-    greedy answers of a small model look different (longer, repetitive). Trained on sampled answers only, the
-    warm-started agent got the labels right on 70% of sampled eval answers but on 43.5% of the greedy ones, flagging
-    81.5% of them (issue 7 measurements, README "Results")."""
+    greedy answers of a small model look different (repetitive). We measured no gain from it, though: trained on
+    sampled answers only, the agent labelled sampled and greedy eval answers of the same length equally well (70.4%);
+    what hurt was longer answers at eval than in training (README "Results")."""
     contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
     greedy = round(greedy_share * len(contexts))
     model.eval()
