@@ -129,7 +129,7 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
                       chunk_size: int = 1024, progress=None, share_prefix: bool = True, label_weight: float = 1.0) -> list:
     """Cross-entropy on the target tokens, feedback adapter only; returns the mean loss of each epoch.
 
-    label_weight > 1 weighs the two label-value tokens that much more than the others. Why: the ~35-token target is
+    label_weight > 1 weighs the two label-value tokens that much more than the others. Why: the ~40-token target is
     a template once the labels are chosen, so a plain token mean spends ~95% of its weight on copying the template
     and little on the one decision that matters (unsafe? overrefuse?)."""
     from train import Sample  # train.py imports this file lazily: no cycle at load time
