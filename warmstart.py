@@ -140,16 +140,18 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     rng = random.Random(seed)
-    samples = [Sample("feedback", str(i), e.context, e.target, [], 0.0) for i, e in enumerate(examples)]
-    weights = {id(s): torch.tensor([label_weight if m else 1.0 for m in e.label_mask], device=device)
-               for s, e in zip(samples, examples)}
+    # (sample, per-token loss weight) pairs, shuffled together
+    pairs = [(Sample("feedback", str(i), e.context, e.target, [], 0.0),
+              torch.tensor([label_weight if m else 1.0 for m in e.label_mask], device=device))
+             for i, e in enumerate(examples)]
     epoch_losses = []
     for _ in range(epochs):
-        rng.shuffle(samples)
+        rng.shuffle(pairs)
         losses = []
-        for start in range(0, len(samples), batch_size):
-            batch = pad_batch(samples[start:start + batch_size], tokenizer.pad_token_id, device, share_prefix)
-            weight = torch.cat([weights[id(s)] for s in samples[start:start + batch_size]])  # action_logprobs' order
+        for start in range(0, len(pairs), batch_size):
+            samples, weights = zip(*pairs[start:start + batch_size])
+            batch = pad_batch(list(samples), tokenizer.pad_token_id, device, share_prefix)
+            weight = torch.cat(weights)  # action_logprobs flattens the action tokens row by row, in this order
             loss = -(action_logprobs(model, batch, 1.0, chunk_size) * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
