@@ -4,7 +4,7 @@ WaltzRL (METHOD.md, "Training" and "Evaluation") trains on adversarial harmful p
 benign-but-sensitive-looking prompts (OR-Bench-80K), and reports ASR on harmful and ORR on benign prompts.
 Everything downstream only needs five fields per prompt:
 
-    {"id": str, "prompt": str, "label": "harmful" | "benign", "category": str, "split": "train" | "eval"}
+    {"id": str, "prompt": str, "label": "harmful" | "benign", "category": str, "split": "train" | "eval" | "test"}
 
 Sources:
 - our JSONL file (one such object per line, extra fields ignored), validated line by line so that a bad line
@@ -30,7 +30,7 @@ from pathlib import Path
 
 FIELDS = ("id", "prompt", "label", "category", "split")
 LABELS = ("harmful", "benign")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "test")  # "test": held-out sets never used for training or tuning
 # datasets builder used to read a local file in a benchmark's layout, by suffix
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -76,7 +76,7 @@ def _record_problem(obj, first_line_of_id: dict) -> str | None:
     if obj["label"] not in LABELS:
         return f"label must be harmful|benign, got {obj['label']!r}"
     if obj["split"] not in SPLITS:
-        return f"split must be train|eval, got {obj['split']!r}"
+        return f"split must be train|eval|test, got {obj['split']!r}"
     if not obj["prompt"].strip():
         return "empty prompt"
     if obj["id"] in first_line_of_id:
@@ -122,7 +122,7 @@ def parse_benchmark(spec: str, split: str | None = None) -> tuple[str, str | Non
         raise DatasetLoadError(f"cannot load {spec!r}: not a supported benchmark ({', '.join(BENCHMARKS)}), and "
                                f"local files must end in one of {', '.join(LOCAL_BUILDERS)}")
     configs, default_for_split, _ = BENCHMARKS[canonical]
-    config = config or default_for_split.get(split or "eval")
+    config = config or default_for_split.get("eval" if split in (None, "test") else split)
     if config not in configs:
         raise DatasetLoadError(f"unknown config {config!r} for {canonical}; choose one of {list(configs)}")
     return canonical, config
@@ -201,8 +201,8 @@ def load_prompts(source: str = "data/prompts.jsonl", split: str | None = None, l
 
     source: our JSONL file, a benchmark "name[:config]", or (with layout="name[:config]") a local file in that
     benchmark's columns. split: filters our file by its split field; for a benchmark it chooses the default
-    config (wildjailbreak train/eval, or-bench-80k/or-bench-hard-1k) and is written into every record
-    (default "eval"). limit: keep the first `limit` records.
+    config (wildjailbreak train/eval, or-bench-80k/or-bench-hard-1k; "test" picks the eval one) and is written
+    into every record (default "eval"). limit: keep the first `limit` records.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")

@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint) for the 'waltzrl' system; without it that system is skipped")
     parser.add_argument("--prompts", default="data/prompts.jsonl",
                         help="our JSONL prompt file, or a public benchmark name such as bench-llm/or-bench (data.py)")
-    parser.add_argument("--split", default="eval", choices=("train", "eval"), help="which split of the prompts")
+    parser.add_argument("--split", default="eval", choices=("train", "eval", "test"),
+                        help="which split of the prompts ('test': a held-out set such as data/heldout.jsonl)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only this many prompts, taken round-robin over categories")
     parser.add_argument("--systems", default=",".join(SYSTEMS),

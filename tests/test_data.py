@@ -33,8 +33,8 @@ def test_valid_file_loads_with_exactly_our_fields_in_file_order():
     ('{"id": "b", "label": "benign", "category": "c", "split": "train"}', "missing field 'prompt'"),
     ('{"id": "b", "prompt": "hi", "label": "harmless", "category": "c", "split": "train"}',
      "label must be harmful|benign, got 'harmless'"),
-    ('{"id": "b", "prompt": "hi", "label": "benign", "category": "c", "split": "test"}',
-     "split must be train|eval, got 'test'"),
+    ('{"id": "b", "prompt": "hi", "label": "benign", "category": "c", "split": "dev"}',
+     "split must be train|eval|test, got 'dev'"),
     ('{"id": "b", "prompt": "   ", "label": "benign", "category": "c", "split": "train"}', "empty prompt"),
     ('{"id": 7, "prompt": "hi", "label": "benign", "category": "c", "split": "train"}',
      "wrong type for field 'id': expected string, got number"),
@@ -67,7 +67,7 @@ def test_split_filters_our_split_field():
     assert [r["id"] for r in load_prompts(str(VALID), split="train")] == ["h-001", "b-001", "b-003"]
     assert [r["id"] for r in load_prompts(str(VALID), split="eval")] == ["h-002", "b-002"]
     with pytest.raises(ValueError, match="split must be one of"):
-        load_prompts(str(VALID), split="test")
+        load_prompts(str(VALID), split="dev")
 
 
 def test_limit_keeps_the_first_records_after_filtering():
@@ -128,6 +128,9 @@ def test_or_bench_label_comes_from_the_config():
     train = load_prompts(str(FIXTURES / "or_bench_hard.csv"), layout="bench-llm/or-bench", split="train")
     assert [(r["id"], r["label"], r["split"]) for r in train] == [("or-bench-80k-0001", "benign", "train"),
                                                                   ("or-bench-80k-0002", "benign", "train")]
+    # a held-out "test" split takes the eval default, and is written into every record
+    test = load_prompts(str(FIXTURES / "or_bench_hard.csv"), layout="bench-llm/or-bench", split="test")
+    assert [(r["id"], r["split"]) for r in test] == [("or-bench-hard-1k-0001", "test"), ("or-bench-hard-1k-0002", "test")]
 
 
 def test_xstest_layout_maps_safe_to_benign_from_jsonl_and_parquet(tmp_path):
