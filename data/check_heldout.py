@@ -33,8 +33,8 @@ def closest_pairs(heldout, prompts):
     """(jaccard, heldout id, prompts id) of each held-out prompt's closest prompts.jsonl prompt, highest first."""
     pairs = []
     for h in heldout:
-        score, other = max((1.0 if normalise(h["prompt"]) == normalise(p["prompt"]) else jaccard(h["prompt"], p["prompt"]),
-                            p["id"]) for p in prompts)
+        score, other = max((1.0 if normalise(h["prompt"]) == normalise(p["prompt"])
+                            else jaccard(h["prompt"], p["prompt"]), p["id"]) for p in prompts)
         pairs.append((score, h["id"], other))
     return sorted(pairs, reverse=True)
 
@@ -73,8 +73,8 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     counts = Counter((r["category"], r["label"]) for r in heldout)
-    print(f"{HELDOUT_PATH.name}: {len(heldout)} prompts, "
-          f"{sum(r['label'] == 'harmful' for r in heldout)} harmful / {sum(r['label'] == 'benign' for r in heldout)} benign")
+    n_harmful = sum(r["label"] == "harmful" for r in heldout)
+    print(f"{HELDOUT_PATH.name}: {len(heldout)} prompts, {n_harmful} harmful / {len(heldout) - n_harmful} benign")
     for (category, label), n in sorted(counts.items()):
         print(f"  {category:20s} {label:8s} {n:4d}")
     score, h, p = closest_pairs(heldout, prompts)[0]
