@@ -3,7 +3,8 @@
 One panel per question a reader asks of a WaltzRL run: does the answer get better with feedback (R_c before vs after),
 is the feedback agent paid more (R_f and its parts), does it write parseable, correct labels (format rate, label
 accuracy), how often does it trigger a revision (FTR), is the batch still unsafe / overrefusing, how far the agents
-moved from the reference (KL), and where the time goes. A dashed line marks the start of stage 2.
+moved from the reference (KL), where the time goes, and what a cheap greedy eval on a fixed eval subset says while
+training runs (train.py --eval-every). A dashed line marks the start of stage 2.
 """
 import json
 import sys
@@ -17,7 +18,9 @@ PANELS = [
     ("unsafe / overrefusal (final answers)", ["unsafe_rate_final", "overrefuse_rate_final"]),
     ("KL to reference", ["feedback/kl", "conversation/kl"]),
     ("entropy", ["feedback/entropy", "conversation/entropy"]),
-    ("seconds per iteration", ["time_rollout", "time_judge", "time_update"]),
+    ("seconds per iteration", ["time_rollout", "time_judge", "time_update", "time_eval"]),
+    ("periodic eval (greedy, fixed eval subset)", ["eval/asr", "eval/orr", "eval/asr_first_answer",
+                                                   "eval/label_accuracy", "eval/ftr"]),
 ]
 
 
@@ -44,7 +47,7 @@ def plot_training_log(log_path, png_path=None) -> str:
     png_path = str(png_path or Path(log_path).with_name("training_curves.png"))
     iterations = [r["iteration"] for r in records]
     stage2 = next((r["iteration"] for r in records if r.get("stage") == 2), None)
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             points = [(i, r[key]) for i, r in zip(iterations, records) if r.get(key) is not None]

@@ -62,6 +62,7 @@ class Args:
     preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
     seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
     resume: bool = False  # continue from out/checkpoint (adapters, optimizers, RNG states, iteration)
+    single_agent: bool = False  # the paper's single-agent RL baseline: the conversation agent alone, no feedback turns, trained with R_c for --stage2-iterations (stage 1 and warm-start skipped)
     # --- supervised warm-start of the feedback agent (our departure, warmstart.py; off unless asked)
     warmstart_epochs: int = 0  # epochs of label imitation before stage 1 (0 = off, as in the paper; cpu preset: 2)
     warmstart_prompts: int = 0  # training prompts answered and judged for the warm-start (0 = all)
@@ -102,6 +103,9 @@ class Args:
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
     save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
+    # --- learning curves while training
+    eval_every: int = 0  # every N iterations (and once before the first) greedy-evaluate a fixed subset of the eval split and log eval/* (0 = off)
+    eval_prompts: int = 24  # size of that subset, taken round-robin over categories from the 'eval' split of --prompts
 
     def __post_init__(self):
         if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
@@ -340,8 +344,18 @@ def batch_metrics(trajectories, rewards) -> dict:
     }
 
 
-def train(args: Args, judge=None, prompts=None) -> dict:
-    """Run both stages; returns a summary. `judge` and `prompts` may be passed in directly (tests, notebooks)."""
+def learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args) -> dict:
+    """The cheap periodic eval (eval.periodic_eval) of the current adapters, timed, for the log."""
+    from eval import periodic_eval
+
+    began = time.perf_counter()
+    record = periodic_eval(model, tokenizer, judge, eval_prompts, rollout_config, single_agent=args.single_agent)
+    return {**record, "time_eval": time.perf_counter() - began}
+
+
+def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
+    """Run both stages; returns a summary. `judge`, `prompts` and `eval_prompts` (the periodic eval's prompts) may be
+    passed in directly (tests, notebooks)."""
     from tqdm import tqdm
 
     from data import load_prompts
@@ -359,6 +373,12 @@ def train(args: Args, judge=None, prompts=None) -> dict:
     prompts = prompts if prompts is not None else load_prompts(args.prompts, split=args.split)
     if not prompts:
         raise SystemExit(f"no prompts in {args.prompts} (split {args.split})")
+    if args.eval_every > 0 and eval_prompts is None:
+        from eval import select_prompts
+
+        eval_prompts = select_prompts(load_prompts(args.prompts, split="eval"), args.eval_prompts)
+        if not eval_prompts:
+            raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
     judge = judge if judge is not None else load_judge(args.judge)
     four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
     base, tokenizer = load_base(args.model, load_in_4bit=four_bit)
@@ -381,13 +401,16 @@ def train(args: Args, judge=None, prompts=None) -> dict:
         feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
         feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
         early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
+    if args.single_agent:  # the baseline: no feedback turns at all, so the conversation agent only sees R_c(c_0)
+        rollout_config.max_rounds = 0
+    stage1_iterations = 0 if args.single_agent else args.stage1_iterations
     log_path = out / "log.jsonl"
     if not args.resume:
         log_path.unlink(missing_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     # 0. (departure) supervised warm-start of the feedback agent; afterwards it is the feedback agent's KL anchor
-    if args.warmstart_epochs > 0:
+    if args.warmstart_epochs > 0 and not args.single_agent:
         warm_dir = out / "warmstart"
         if not args.resume:
             from warmstart import warmstart_feedback_agent
@@ -404,14 +427,18 @@ def train(args: Args, judge=None, prompts=None) -> dict:
             raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
                              f"is missing")
         load_reference_copy(model, "feedback", warm_dir)
-    total = args.stage1_iterations + args.stage2_iterations
+    total = stage1_iterations + args.stage2_iterations
+    if args.eval_every > 0 and not args.resume:  # the starting point of the learning curves
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"iteration": 0, "stage": 0, **learning_curve_eval(
+                model, tokenizer, judge, eval_prompts, rollout_config, args)}) + "\n")
 
     iteration, history = start, []
     bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")
     try:
         for iteration in bar:
-            stage = 1 if iteration < args.stage1_iterations else 2
-            trained = ("feedback",) if stage == 1 else AGENTS
+            stage = 1 if iteration < stage1_iterations else 2
+            trained = ("feedback",) if stage == 1 else ("conversation",) if args.single_agent else AGENTS
             # Stage 2 drops the additive label reward (the paper's lam = 0); the DIR gate stays. Then a correct "ok"
             # and a false alarm both earn only gamma: our 135M feedback agent drifts to flagging more (README
             # "Results"); --stage2-lam > 0 keeps paying for correct labels.
@@ -454,6 +481,8 @@ def train(args: Args, judge=None, prompts=None) -> dict:
                       "time_judge": judge_seconds, "time_update": update_seconds}
             for agent, stats in agent_stats.items():
                 record.update({f"{agent}/{k}": v for k, v in stats.items()})
+            if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == total):
+                record.update(learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args))
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             history.append(record)

@@ -283,7 +283,7 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     code = evaluation.main(["--model", tiny_model_dir, "--prompts", str(REPO / "data" / "prompts.jsonl"), "--limit", "4",
                             "--judge", "default:prefix", "--max-new-tokens", "4", "--feedback-max-new-tokens", "4",
                             "--batch-size", "4", "--bootstrap", "50", "--adapters", str(tmp_path / "adapters"),
-                            "--out", str(out)])
+                            "--single-agent-adapters", str(tmp_path / "adapters"), "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["systems"]) == list(evaluation.SYSTEMS)
@@ -291,6 +291,34 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         "harmful_direct", "harmful_adversarial", "benign_sensitive", "everyday"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| waltzrl |" in (out / "results.md").read_text()
+    # The single-agent systems answer without feedback: no trigger, no feedback turn; its safeguard flags by the judge.
+    single = results["systems"]["single-agent"]["records"]
+    assert not any(r["triggered"] or r["feedback_output"] for r in single)
+    guarded = results["systems"]["single-agent+safeguard"]["records"]
+    assert [r["triggered"] for r in guarded] == [r["unsafe"] for r in single]
+    assert all(r["final_answer"] == evaluation.SAFEGUARD_REFUSAL for r in guarded if r["triggered"])
+
+
+def test_main_skips_single_agent_systems_without_their_adapters(tiny_model_dir, tmp_path, capsys):
+    code = evaluation.main(["--model", tiny_model_dir, "--prompts", str(REPO / "data" / "prompts.jsonl"), "--limit",
+                            "2", "--judge", "default:prefix", "--max-new-tokens", "2", "--systems",
+                            "base,single-agent", "--bootstrap", "10", "--out", str(tmp_path / "eval")])
+    assert code == 0
+    assert "single-agent systems: skipped" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "eval" / "results.json").read_text())["systems"]) == ["base"]
+    with pytest.raises(SystemExit, match=r"--single-agent-adapters .*nowhere: no saved adapter"):
+        evaluation.main(["--single-agent-adapters", str(tmp_path / "nowhere"), "--systems", "single-agent"])
+
+
+def test_periodic_eval_rates_from_hand_made_judgments(tiny_agents):
+    model, tokenizer = tiny_agents
+    judge = PromptJudge(unsafe={PROMPTS[0]["prompt"]}, overrefuse={PROMPTS[2]["prompt"]})
+    for single_agent in (False, True):
+        m = evaluation.periodic_eval(model, tokenizer, judge, PROMPTS, TINY_CONFIG, single_agent=single_agent)
+        # PromptJudge labels by prompt, so every answer to h1 is unsafe and every answer to b1 overrefuses.
+        assert (m["eval/asr"], m["eval/orr"], m["eval/asr_first_answer"]) == (0.5, 0.5, 0.5)
+        assert m["eval/revisions_fixed"] == m["eval/revisions_broke"] == 0 and m["eval/prompts"] == 4
+    assert m["eval/ftr"] == 0.0 and m["eval/format_rate"] != m["eval/format_rate"]  # alone: no feedback, NaN rates
 
 
 def test_rejudge_relabels_stored_answers_without_generating(tmp_path):

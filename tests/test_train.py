@@ -144,6 +144,32 @@ def test_stage1_trains_only_feedback_and_stage2_both(tiny_model_dir, tmp_path, t
     assert [h["lam"] for h in summary["history"]] == [0.5]
 
 
+def test_single_agent_baseline_trains_only_the_conversation_agent_alone(tiny_model_dir, tmp_path, toy_feedback):
+    summary = train.train(tiny_args(tiny_model_dir, tmp_path, stage1_iterations=3, stage2_iterations=2,
+                                    single_agent=True), judge=toy_judge, prompts=PROMPTS)
+    history = summary["history"]
+    assert [h["stage"] for h in history] == [2, 2]  # stage 1 is skipped: the budget is stage 2's conversation samples
+    assert all(h["ftr"] == 0.0 and "feedback/kl" not in h and h["conversation/samples"] == 4 for h in history)
+    assert lora_b_is_zero(summary["model"], "feedback")
+    assert not lora_b_is_zero(summary["model"], "conversation")
+
+
+def test_periodic_eval_is_logged_and_leaves_training_unchanged(tiny_model_dir, tmp_path, toy_feedback):
+    def rows(folder):
+        return [json.loads(line) for line in open(folder / "log.jsonl")]
+
+    eval_prompts = [dict(p, id=f"e{i}") for i, p in enumerate(PROMPTS[:2])]
+    train.train(tiny_args(tiny_model_dir, tmp_path / "plain"), judge=toy_judge, prompts=PROMPTS)
+    train.train(tiny_args(tiny_model_dir, tmp_path / "curves", eval_every=1), judge=toy_judge, prompts=PROMPTS,
+                eval_prompts=eval_prompts)
+    plain, curves = rows(tmp_path / "plain" / "run"), rows(tmp_path / "curves" / "run")
+    assert [r["iteration"] for r in curves] == [0, 1, 2]  # the starting point, then one eval per iteration
+    assert all(r["eval/prompts"] == 2 and 0.0 <= r["eval/asr"] <= 1.0 for r in curves)
+    # Greedy eval draws no random numbers: the training rows are identical with and without it.
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith(("eval/", "time_", "tokens_per_s"))}  # noqa
+    assert [untimed(r) for r in curves[1:]] == [untimed(r) for r in plain]
+
+
 def test_base_weights_never_change(tiny_model_dir, tmp_path, toy_feedback):
     from models import load_base
     base, _ = load_base(tiny_model_dir)
