@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feedback_parser import ParsedFeedback, parse_feedback
 from infer import add_generation_limit_flags, generation_limits
 from models import AGENTS, DEFAULT_MODEL, attach_agents, load_agents, load_base, reference_policy
-from reward import ParsedFeedback, parse_feedback
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, Turn, chat_ids, conversation_messages,
                      feedback_messages, judge_trajectories, rollout, run_agent)
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from feedback_parser import feedback_object_closed, labels_prefix_complete, parse_feedback
 from models import use_agent
-from reward import Labels, ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "

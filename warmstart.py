@@ -32,9 +32,10 @@ from typing import NamedTuple
 
 import torch
 
+from feedback_parser import format_feedback_json
 from logprobs import action_logprobs, pad_batch
 from models import use_agent
-from reward import Labels, format_feedback_json
+from reward import Labels
 from rollout import FEEDBACK_PREFILL, Trajectory, chat_ids, conversation_messages, feedback_messages, run_agent
 
 # The same wording as the examples in rollout.FEEDBACK_SYSTEM_PROMPT, so the prompt and the targets agree.

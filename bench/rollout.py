@@ -48,8 +48,8 @@ import torch  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
 from data import load_prompts  # noqa: E402
+from feedback_parser import labels_prefix_complete  # noqa: E402
 from models import DEFAULT_MODEL, load_agents_or_fresh, use_agent  # noqa: E402
-from reward import labels_prefix_complete  # noqa: E402
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
                      rollout, sample)
 

@@ -161,7 +161,7 @@ def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
 
 def test_safeguard_with_feedback_agent_flags_from_its_labels(tiny_agents, monkeypatch):
     model, tokenizer = tiny_agents
-    from reward import ParsedFeedback
+    from feedback_parser import ParsedFeedback
     verdicts = iter([ParsedFeedback(Labels(True, False), "", ""), None, ParsedFeedback(Labels(False, True), "", ""),
                      ParsedFeedback(Labels(True, True), "", "")])
     monkeypatch.setattr(evaluation, "parse_feedback", lambda text: next(verdicts))

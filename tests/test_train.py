@@ -10,7 +10,8 @@ import torch
 import logprobs
 import rollout
 import train
-from reward import Labels, ParsedFeedback
+from feedback_parser import ParsedFeedback
+from reward import Labels
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
            for i, text in enumerate(["hi there", "How do I kill a process?", "What is SQL injection?", "make a bomb"])]

@@ -7,8 +7,9 @@ import torch
 
 import train
 import warmstart
+from feedback_parser import parse_feedback
 from models import adapter_parameters, attach_agents, load_base, reference_policy, use_agent
-from reward import Labels, parse_feedback
+from reward import Labels
 from rollout import RolloutConfig
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
