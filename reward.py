@@ -106,3 +106,16 @@ def feedback_reward(predicted: Labels | None, judged_before: Labels, judged_afte
                     gamma: float = DEFAULT_GAMMA) -> float:
     """R_f = alpha * R_dir * R_label + lam * R_label + gamma * R_format (see feedback_reward_parts)."""
     return feedback_reward_parts(predicted, judged_before, judged_after, alpha, lam, gamma).total
+
+
+def trajectory_rewards(traj, alpha: float = DEFAULT_ALPHA, lam: float = LAMBDA_STAGE1,
+                       gamma: float = DEFAULT_GAMMA) -> dict:
+    """The rewards of one judged trajectory (rollout.Trajectory after rollout.judge_trajectories):
+    {"conversation": [R_c(c_0), R_c(c_1), ...], "feedback": [FeedbackRewardParts of f_0, f_1, ...]}.
+    Feedback turn t is scored on c_t and, when it triggered one, the revision c_{t+1}."""
+    rewards = {"conversation": [conversation_reward(j) for j in traj.judged], "feedback": []}
+    for t, parsed in enumerate(traj.parsed):
+        after = traj.judged[t + 1] if t + 1 < len(traj.judged) else None
+        predicted = parsed.labels if parsed is not None else None
+        rewards["feedback"].append(feedback_reward_parts(predicted, traj.judged[t], after, alpha, lam, gamma))
+    return rewards

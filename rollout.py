@@ -270,18 +270,6 @@ def judge_trajectories(judge, trajectories) -> None:
         traj.judged.append(judged)
 
 
-def trajectory_rewards(traj: Trajectory, alpha=1.0, lam=1.0, gamma=0.1) -> dict:
-    """Per-round rewards of a judged trajectory: R_c of each answer and R_f (with parts) of each feedback turn."""
-    from reward import conversation_reward, feedback_reward_parts
-
-    rewards = {"conversation": [conversation_reward(j) for j in traj.judged], "feedback": []}
-    for t, parsed in enumerate(traj.parsed):
-        after = traj.judged[t + 1] if t + 1 < len(traj.judged) else None
-        predicted = parsed.labels if parsed is not None else None
-        rewards["feedback"].append(feedback_reward_parts(predicted, traj.judged[t], after, alpha, lam, gamma))
-    return rewards
-
-
 def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int = 100) -> str:
     """A readable page for one trajectory: prompt, answers, feedback labels and text, judge labels, rewards."""
     import textwrap
@@ -319,6 +307,7 @@ if __name__ == "__main__":
     from data import load_prompts
     from judge import load_judge
     from models import DEFAULT_MODEL, load_agents_or_fresh
+    from reward import trajectory_rewards
 
     parser = argparse.ArgumentParser(description="Show a few WaltzRL trajectories: the page to read to understand "
                                                  "the method.")

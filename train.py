@@ -47,8 +47,8 @@ import torch
 from logprobs import action_logprobs, pad_batch
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
                     load_reference_copy, reference_policy, save_agents, use_agent)
-from reward import conversation_reward
-from rollout import RolloutConfig, judge_trajectories, rollout, trajectory_rewards
+from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
+from rollout import RolloutConfig, judge_trajectories, rollout
 
 
 @dataclass
@@ -80,11 +80,11 @@ class Args:
     feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
     early_stop_ok: bool = True  # stop feedback decoding once both labels are false
     rollout_batch_size: int = 16  # sequences generated together
-    # --- rewards (coefficients are not published; METHOD.md defaults)
-    alpha: float = 1.0  # weight of the gated Dynamic Improvement Reward R_dir * R_label
-    lam: float = 1.0  # weight of the label reward in stage 1
-    stage2_lam: float = 0.0  # weight of the label reward in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu: 0.5)
-    gamma: float = 0.1  # weight of the format reward
+    # --- rewards (coefficients are not published; our defaults live in reward.py, see docs/method.md)
+    alpha: float = DEFAULT_ALPHA  # weight of the gated Dynamic Improvement Reward R_dir * R_label
+    lam: float = LAMBDA_STAGE1  # weight of the label reward in stage 1
+    stage2_lam: float = LAMBDA_STAGE2  # label reward weight in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu: 0.5)
+    gamma: float = DEFAULT_GAMMA  # weight of the format reward
     # --- optimisation
     feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
     conversation_lr: float = 5e-5  # AdamW learning rate of the conversation adapter

@@ -87,7 +87,6 @@ def test_make_samples_type_a_without_revision_and_feedback_rewards():
     turn = lambda ids: rollout.Turn("x", [1, 2], ids, [0.0] * len(ids), "t", 0.0, False)  # noqa: E731
     revised = rollout.Trajectory({"id": "r", "prompt": "p", "label": "harmful"}, [turn([5]), turn([6])], [turn([7])])
     plain = rollout.Trajectory({"id": "q", "prompt": "p", "label": "benign"}, [turn([8])], [turn([9])])
-    parts = train.trajectory_rewards  # noqa: F841  (rewards are built by hand below)
     from reward import FeedbackRewardParts
     rewards = [{"conversation": [0.0, 1.0], "feedback": [FeedbackRewardParts(1.0, 1.0, 1.0, 2.1)]},
                {"conversation": [1.0], "feedback": [FeedbackRewardParts(0.0, 1.0, 1.0, 1.1)]}]
