@@ -20,6 +20,10 @@ Our choices where the paper is silent or we go beyond it:
   first lets decoding stop as soon as both are false (most everyday answers), which makes the feedback agent cheap
   at inference; the prefill makes a small model emit the JSON format from step 0. Both are configurable.
 - T_max > 1 is supported (the paper uses 1); later revision turns see the whole conversation so far.
+- No nucleus (top-p) sampling in rollouts: a Turn's sampling_logprobs are log-probs of the full tempered
+  distribution, which is what training uses as pi_old in the PPO ratio. With top-p the tokens would come from a
+  truncated distribution and that ratio would be wrong, so RolloutConfig has no top_p (sample() keeps its top_p
+  argument for callers that never train on the log-probs it returns).
 """
 import time
 from dataclasses import dataclass, field
@@ -67,7 +71,6 @@ class RolloutConfig:
     feedback_max_new_tokens: int = 96  # length limit for the feedback agent's JSON
     conversation_temperature: float = 1.0  # sampling temperature of the conversation agent (0 = greedy)
     feedback_temperature: float = 1.0  # sampling temperature of the feedback agent (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling for both agents (1.0 = plain sampling, what the PPO ratio assumes)
     feedback_prefill: bool = True  # prefill '{"unsafe":' so the feedback agent starts inside the JSON object
     early_stop_ok: bool = True  # stop the feedback agent once it has written unsafe=false and overrefuse=false
     batch_size: int = 16  # prompts generated together (lower it if memory runs out)
@@ -213,7 +216,7 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
         chunk = contexts[start:start + config.batch_size]
         began = time.perf_counter()
         actions, logprobs, truncated = sample(
-            model, tokenizer, chunk, max_new_tokens, temperature, config.top_p,
+            model, tokenizer, chunk, max_new_tokens, temperature,
             prefix_texts=[prefill] * len(chunk), feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok)
         seconds = (time.perf_counter() - began) / len(chunk)
         for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):

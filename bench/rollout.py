@@ -99,8 +99,7 @@ def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_
             torch.manual_seed(seed + r)
             use_agent(model, "conversation")
             began = time.perf_counter()
-            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature,
-                                   config.top_p)
+            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature)
             run["single_s"] = time.perf_counter() - began
             run["single_tokens"] = sum(len(a) for a in actions)
             run["actions"] = actions
