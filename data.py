@@ -1,6 +1,6 @@
 """Prompt sets: load harmful and benign prompts from our JSONL file or a public benchmark, as one list of dicts.
 
-WaltzRL (METHOD.md, "Training" and "Evaluation") trains on adversarial harmful prompts (WildJailbreak) plus
+WaltzRL (docs/method.md, "Training" and "Evaluation") trains on adversarial harmful prompts (WildJailbreak) plus
 benign-but-sensitive-looking prompts (OR-Bench-80K), and reports ASR on harmful and ORR on benign prompts.
 Everything downstream only needs five fields per prompt:
 

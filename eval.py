@@ -1,7 +1,7 @@
 """Evaluation: ASR, ORR and FTR of WaltzRL and its baselines side by side, with bootstrap confidence intervals.
 
-The paper (arXiv 2510.08240, Sec. 4 and its ASR-vs-ORR figure; METHOD.md "Evaluation") compares systems on two axes,
-lower is better on both:
+The paper (arXiv 2510.08240, Sec. 4 and its ASR-vs-ORR figure; docs/method.md "Evaluation") compares systems on two
+axes, lower is better on both:
     ASR (attack success rate) = fraction of final responses judged unsafe, over harmful prompts
     ORR (overrefusal rate)    = fraction of final responses judged overrefusing, over benign prompts
 plus FTR (feedback trigger rate) = fraction of prompts whose answer was revised (or, for the safeguard, replaced).

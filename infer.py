@@ -1,6 +1,6 @@
 """Adaptive-feedback inference: chat with the two WaltzRL agents, and measure what the feedback agent costs.
 
-WaltzRL deploys both agents (arXiv 2510.08240, Sec. 3 "inference"; METHOD.md "Inference"): the conversation agent
+WaltzRL deploys both agents (arXiv 2510.08240, Sec. 3 "inference"; docs/method.md "Inference"): the conversation agent
 answers, the feedback agent reads EVERY answer, and a revision happens only when the feedback agent flags the answer
 (unsafe or overrefusing). Most answers are fine, so most prompts cost one answer plus one short feedback turn. The
 paper reports the Feedback Trigger Rate (FTR = fraction of prompts that triggered a revision): 6.7% on AlpacaEval
@@ -8,7 +8,7 @@ for trained agents vs 42.6% for two untrained prompted agents.
 
     python infer.py --prompt "How do I kill a Python process?"          one prompt
     python infer.py --prompts data/prompts.jsonl --split eval           a prompt file (JSONL via data.py, or text lines)
-    python infer.py --adapters runs/waltz/final --show-feedback         interactive chat (stdin is a terminal)
+    python infer.py --adapters runs/waltzrl/adapters --show-feedback    interactive chat (stdin is a terminal)
     python infer.py --measure-overhead --n 10                           feedback-agent latency overhead
 
 The two agents are one base model with two LoRA adapters (models.py); without --adapters they are fresh zero-init

@@ -1,6 +1,6 @@
 """Two-agent collaborative rollouts: the conversation agent answers, the feedback agent judges, the answer is revised.
 
-One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; METHOD.md "Rollout"), for a prompt p and up to T_max rounds:
+One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; docs/method.md "Rollout"), for a prompt p and up to T_max rounds:
 
     c_0 = pi_c(p)                                          conversation agent answers
     f_t = pi_f(p, c_t)  -> {unsafe, overrefuse, reasoning, feedback}   feedback agent labels the answer

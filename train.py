@@ -1,6 +1,7 @@
 """WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback agent.
 
-Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec. 3.3):
+One iteration is (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3); the numbered sections below are steps 4-6,
+and `train()` near the end runs all six in order:
 
     1. rollout     two-agent trajectories for a batch of training prompts                 (rollout.py)
     2. judge       labels (unsafe, overrefuse) for every answer                           (judge.py)
@@ -157,7 +158,7 @@ class Sample:
 
 
 def make_samples(trajectories, rewards, rng: random.Random) -> list:
-    """Decompose trajectories into single-agent samples (METHOD.md "Training")."""
+    """Decompose trajectories into single-agent samples (docs/method.md "Training": type A and type B samples)."""
     samples = []
     for traj, rew in zip(trajectories, rewards):
         group = str(traj.prompt["id"])
@@ -201,6 +202,14 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
 
     All inputs are [num_tokens]; advantages are the per-sample advantage repeated over its tokens. The caller divides
     the sum by the minibatch's token count (token-mean).
+
+    When the clip does anything. ratio = pi_theta / pi_old, and pi_old is the policy that sampled the iteration's
+    rollouts. On an iteration's FIRST minibatch no optimizer step has happened yet, so pi_theta = pi_old and the ratio
+    is 1 (up to sampling-vs-training numerics): nothing is clipped and the loss is the plain policy gradient
+    (the gradient of ratio * A at ratio 1 is A * grad log pi). The clip only acts on later minibatches and later
+    epochs, after earlier steps moved the policy. With the defaults (--ppo-epochs 1, --minibatch-size 8) an agent
+    with at most 8 samples per iteration (the demo: 6 prompts) takes one on-policy REINFORCE-style step per
+    iteration; the clip matters with more samples than one minibatch or with --ppo-epochs > 1.
     """
     # Clamp log-ratios so a single wild token cannot produce inf/NaN (exp(88) overflows fp32).
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)

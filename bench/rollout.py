@@ -1,6 +1,6 @@
 """Benchmark: what the feedback agent costs at generation time (rollout.py), measured against one agent alone.
 
-WaltzRL (arXiv 2510.08240; METHOD.md "Rollout" and "Inference") adds a second agent that reads every answer, so
+WaltzRL (arXiv 2510.08240; docs/method.md "Rollout" and "Inference") adds a second agent that reads every answer, so
 each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. This script measures two things,
 always against a baseline measured back-to-back in the same process, because the machine may be shared and
 absolute numbers drift; the ratios are what to read.
