@@ -223,6 +223,22 @@ def load_prompts(source: str = "data/prompts.jsonl", split: str | None = None, l
     return list(itertools.islice(records, limit))
 
 
+def spread_over_categories(records: list, limit: int | None = None) -> list:
+    """The first `limit` records taken round-robin over their categories (all records when limit is None), so that a
+    short run still shows every kind of prompt. Order inside a category is kept."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    queues = {}
+    for r in records:
+        queues.setdefault(r["category"], []).append(r)
+    chosen = []
+    while len(chosen) < limit:
+        for rows in queues.values():
+            if rows and len(chosen) < limit:
+                chosen.append(rows.pop(0))
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load a prompt set and print counts per label/category/split.")
     parser.add_argument("source", nargs="?", default="data/prompts.jsonl")

@@ -394,21 +394,6 @@ def rejudge(results: dict, judge, n_resamples: int, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- command line
-def select_prompts(records: list, limit=None) -> list:
-    """The first `limit` prompts taken round-robin over categories (all prompts when limit is None)."""
-    if limit is None or limit >= len(records):
-        return list(records)
-    by_category = {}
-    for r in records:
-        by_category.setdefault(r["category"], []).append(r)
-    queues, chosen = [list(rows) for rows in by_category.values()], []
-    while len(chosen) < limit:
-        for rows in queues:
-            if rows and len(chosen) < limit:
-                chosen.append(rows.pop(0))
-    return chosen
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate WaltzRL against its baselines: ASR (harmful prompts answered unsafely), ORR (benign "
@@ -454,7 +439,7 @@ def report(results: dict, out_dir) -> int:
 
 
 def main(argv=None) -> int:
-    from data import DatasetLoadError, PromptFileError, load_prompts
+    from data import DatasetLoadError, PromptFileError, load_prompts, spread_over_categories
     from judge import load_judge
 
     args = build_parser().parse_args(argv)
@@ -491,7 +476,7 @@ def main(argv=None) -> int:
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
     try:
-        prompts = select_prompts(load_prompts(args.prompts, split=args.split), args.limit)
+        prompts = spread_over_categories(load_prompts(args.prompts, split=args.split), args.limit)
     except (PromptFileError, DatasetLoadError, FileNotFoundError) as err:
         raise SystemExit(f"--prompts {args.prompts}: {err}") from None
     if not prompts:

@@ -307,7 +307,7 @@ def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int 
 if __name__ == "__main__":
     import argparse
 
-    from data import load_prompts
+    from data import load_prompts, spread_over_categories
     from judge import load_judge
     from models import DEFAULT_MODEL, load_agents_or_fresh
     from reward import trajectory_rewards
@@ -327,16 +327,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    records = load_prompts(args.prompts, split=args.split)
-    # Take prompts round-robin over categories so that a short run shows every kind of prompt.
-    by_category = {}
-    for r in records:
-        by_category.setdefault(r["category"], []).append(r)
-    chosen = []
-    while len(chosen) < min(args.n, len(records)):
-        for rows in by_category.values():
-            if rows and len(chosen) < args.n:
-                chosen.append(rows.pop(0))
+    chosen = spread_over_categories(load_prompts(args.prompts, split=args.split), args.n)
     model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
     config = RolloutConfig(max_rounds=args.max_rounds, conversation_temperature=args.temperature,
                            feedback_temperature=args.temperature)

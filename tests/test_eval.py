@@ -125,14 +125,6 @@ def test_bootstrap_ci_matches_naive_loop_and_normal_approximation():
     assert low == pytest.approx(p - half, abs=0.01) and high == pytest.approx(p + half, abs=0.01)
 
 
-def test_select_prompts_round_robin_over_categories():
-    rows = [{"id": f"{c}{i}", "category": c} for c in "aab" for i in range(3)]
-    rows = [dict(r, id=f"r{k}") for k, r in enumerate(rows)]  # categories a (6 rows), b (3 rows)
-    chosen = evaluation.select_prompts(rows, 4)
-    assert [r["category"] for r in chosen] == ["a", "b", "a", "b"]
-    assert evaluation.select_prompts(rows, None) == rows
-
-
 # ----------------------------------------------------------------------------------------------- systems
 def test_apply_safeguard_replaces_exactly_the_flagged():
     answers = ["a", "b", "c", "d"]
