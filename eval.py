@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from infer import add_generation_limit_flags, generation_limits, inference_config, reply_from_trajectory
+from model_card import add_evaluation
 from models import AGENTS, DEFAULT_MODEL, attach_agents, load_base
 from rollout import RolloutConfig, Trajectory, judge_trajectories
 from systems import (SYSTEMS, base_answers, collaboration_system, feedback_agent_unsafe_flags, oracle_template_system,
@@ -368,7 +369,14 @@ def main(argv=None) -> int:
                "config": vars(args), "wall_seconds": time.perf_counter() - began,
                "systems": {name: {"metrics": summarize(rows, args.bootstrap, args.seed), "records": rows}
                            for name, rows in records.items()}}
-    return report(results, args.out)
+    report(results, args.out)
+    if "waltzrl" in records:  # the trained adapters' model cards get this table (model_card.py)
+        try:
+            cards = add_evaluation(args.adapters, markdown_report(results).split("\n", 2)[2])
+            print("added this table to " + ", ".join(str(c) for c in cards))
+        except OSError as err:
+            print(f"warning: could not add the table to the model cards in {args.adapters}: {err}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ rollout.py's trajectories are single-prompt). Latency is the generation time of 
 parsing are negligible); with --batch-size > 1 each prompt is charged its share of its batch's wall time.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from models import DEFAULT_MODEL, load_agents_or_fresh
+from models import DEFAULT_MODEL, load_agents_or_fresh, read_run_args
 from rollout import RolloutConfig, Trajectory, rollout
 
 
@@ -196,26 +195,20 @@ def interactive(model, tokenizer, config, use_feedback, show_feedback, session) 
 
 def generation_limits(adapters, max_new_tokens, feedback_max_new_tokens) -> tuple[int, int]:
     """Answer and feedback length limits: the flags if given, else the training run's (args.json written by train.py
-    next to its adapters/ and warmstart/ folders), else 128 / 96.
+    next to its adapters/ and warmstart/ folders), else RolloutConfig's defaults (128 / 96).
 
     Why default to the training run's: the feedback agent only ever read answers cut at the training limit. Shown
     longer answers at eval it judges what it never saw; our warm-started 135M agent flagged most of them (label
-    accuracy 59% on greedy answers cut at 64 tokens vs 82% cut at 48, its training limit; README "Results")."""
-    trained = {}
-    run_args = Path(adapters).resolve().parent / "args.json" if adapters else None
-    if run_args is not None and run_args.exists():
-        try:
-            trained = json.loads(run_args.read_text())
-        except json.JSONDecodeError as err:
-            print(f"warning: {run_args}: not JSON ({err}); using the eval defaults", file=sys.stderr)
-    limits = []
-    for flag, given, key, fallback in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens", 128),
-                                       ("--feedback-max-new-tokens", feedback_max_new_tokens,
-                                        "feedback_max_new_tokens", 96)):
+    accuracy 59% on greedy answers cut at 64 tokens vs 82% cut at 48, its training limit; docs/experiments.md)."""
+    trained = read_run_args(adapters) if adapters else {}
+    limits, defaults = [], RolloutConfig()
+    for flag, given, key in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens"),
+                             ("--feedback-max-new-tokens", feedback_max_new_tokens, "feedback_max_new_tokens")):
+        fallback = getattr(defaults, key)
         at_training = trained.get(key) if isinstance(trained.get(key), int) else None
         if given is not None and at_training is not None and given > at_training:
-            print(f"warning: {flag} {given} is longer than the training run's {at_training} ({run_args}): the "
-                  f"agents are evaluated on lengths they never saw", file=sys.stderr)
+            print(f"warning: {flag} {given} is longer than the training run's {at_training} (args.json beside "
+                  f"{adapters}): the agents are evaluated on lengths they never saw", file=sys.stderr)
         limits.append(given if given is not None else at_training if at_training is not None else fallback)
     return limits[0], limits[1]
 

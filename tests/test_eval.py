@@ -285,6 +285,8 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
         "harmful_direct", "harmful_adversarial", "benign_sensitive", "everyday"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| waltzrl |" in (out / "results.md").read_text()
+    card = (tmp_path / "adapters" / "feedback" / "README.md").read_text()  # the adapters' model card got the table
+    assert "## Evaluation" in card and "| waltzrl |" in card and "Not evaluated yet" not in card
 
 
 def test_rejudge_relabels_stored_answers_without_generating(tmp_path):
