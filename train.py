@@ -40,7 +40,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -489,16 +489,31 @@ def train(args: Args, judge=None, prompts=None) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    """What the end of a run can honestly show: that it ran, the run's mean batch rates, and how far each agent moved
+    from its reference policy. Not first-vs-last rewards: with the demo's batches of 6 prompts one prompt moves a
+    batch's rate by 1/6, so a few iterations cannot show learning (README "Results" has a measured longer run)."""
     history = summary["history"]
     if history:
-        first, last = history[0], history[-1]
-        keys = ["conversation_reward_before", "conversation_reward_after", "feedback_reward", "format_rate",
-                "label_accuracy", "ftr", "unsafe_rate_final", "overrefuse_rate_final"]
-        print(f"\n{'metric':32s} {'first':>8s} {'last':>8s}")
-        for key in keys:
-            print(f"{key:32s} {first[key]:8.3f} {last[key]:8.3f}")
+        def mean(key):
+            values = [h[key] for h in history if key in h and h[key] == h[key]]  # h[key] == h[key]: skips NaN
+            return sum(values) / len(values) if values else float("nan")
+
+        stage1 = sum(h["stage"] == 1 for h in history)
         split = {k: sum(h[f"time_{k}"] for h in history) for k in ("rollout", "judge", "update")}
-        print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
+        print(f"\nran {len(history)} iterations ({stage1} in stage 1, {len(history) - stage1} in stage 2); time: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
+        print("run means of the per-iteration batch values:")
+        for key, name in (("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
+                          ("ftr", "feedback trigger rate"), ("conversation_reward_after", "R_c of the final answers")):
+            print(f"  {name:28s} {mean(key):6.3f}")
+        print("how far each agent has moved from its reference policy (KL per token at its last update):")
+        for agent in ("feedback", "conversation"):
+            kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
+            print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
+        batch = history[-1].get("feedback/samples")
+        print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
+              f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
+              f"README \"Results\": python train.py --preset cpu (~46 min on 2 cores), then eval.py.")
     print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
           f"next: python eval.py --adapters {summary['adapters']}")
 

@@ -278,3 +278,21 @@ def test_shared_prefix_forward_equals_plain_forward_values_and_gradients(learnab
     for g_plain, g_shared in zip(plain_grads, shared_grads):
         assert torch.allclose(g_plain, g_shared, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
+    def record(stage, fmt, ftr, **agents):
+        return {"stage": stage, "format_rate": fmt, "label_accuracy": float("nan"), "ftr": ftr,
+                "conversation_reward_after": 1.0, "time_rollout": 30.0, "time_judge": 1.0, "time_update": 10.0,
+                "feedback/samples": 6, **agents}
+
+    history = [record(1, 0.5, 0.0, **{"feedback/kl": 0.0}), record(2, 1.0, 0.5, **{"feedback/kl": 2e-3})]
+    train.print_summary({"history": history, "log": "run/log.jsonl", "adapters": "run/adapters"})
+    out = capsys.readouterr().out
+    assert "ran 2 iterations (1 in stage 1, 1 in stage 2); time: rollout 60s, judge 2s, update 20s" in out
+    assert "feedback format rate          0.750" in out and "feedback trigger rate         0.250" in out
+    assert "feedback label accuracy         nan" in out  # no label was ever scored: said, not hidden
+    assert "feedback                     2.00e-03" in out  # the last update's KL, not the first
+    assert "conversation                 not trained in this run" in out
+    assert "1/6" in out and "--preset cpu" in out and "first" not in out
+    assert "next: python eval.py --adapters run/adapters" in out
