@@ -199,7 +199,7 @@ def generation_limits(adapters, max_new_tokens, feedback_max_new_tokens) -> tupl
 
     Why default to the training run's: the feedback agent only ever read answers cut at the training limit. Shown
     longer answers at eval it judges what it never saw; our warm-started 135M agent flagged most of them (label
-    accuracy 59% on greedy answers cut at 64 tokens vs 82% cut at 48, its training limit; docs/experiments.md)."""
+    accuracy 43.5% on greedy answers cut at 64 tokens vs 70% cut at 48, its training limit; docs/experiments.md)."""
     trained = read_run_args(adapters) if adapters else {}
     limits, defaults = [], RolloutConfig()
     for flag, given, key in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens"),
