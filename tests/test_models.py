@@ -150,18 +150,24 @@ def test_training_moves_only_the_active_agents_lora(tiny_model_dir):
 
 # ----------------------------------------------------------------------------- saving and loading
 
-def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model, tokenizer = tiny_agents(tiny_model_dir)
-    perturb_lora_b(model, "conversation", seed=1)
-    perturb_lora_b(model, "feedback", seed=2)
+def trained_looking_agents(path, seed):
+    """Tiny agents with random LoRA B (distinct per agent), a chat batch, and each agent's logits on it."""
+    model, tokenizer = tiny_agents(path)
+    perturb_lora_b(model, "conversation", seed=seed)
+    perturb_lora_b(model, "feedback", seed=seed + 1)
     ids = chat_batch(tokenizer)
     expected = {}
     for agent in AGENTS:
         use_agent(model, agent)
         expected[agent] = logits_of(model, ids)
+    return model, ids, expected
+
+
+def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, ids, expected = trained_looking_agents(tiny_model_dir, seed=1)
     folder = tmp_path / "agents"
     save_agents(model, folder)
     for agent in AGENTS:
@@ -188,14 +194,7 @@ def test_saved_adapters_are_portable_plain_peft_with_model_cards(tiny_model_dir,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = tiny_agents(tiny_model_dir)
-    perturb_lora_b(model, "conversation", seed=3)
-    perturb_lora_b(model, "feedback", seed=4)
-    ids = chat_batch(tokenizer)
-    expected = {}
-    for agent in AGENTS:
-        use_agent(model, agent)
-        expected[agent] = logits_of(model, ids)
+    model, ids, expected = trained_looking_agents(tiny_model_dir, seed=3)
     run = tmp_path / "run"
     run.mkdir()
     (run / "args.json").write_text(json.dumps({"model": tiny_model_dir, "lora_rank": 16, "stage2_lam": 0.5}))
