@@ -506,7 +506,7 @@ def print_summary(summary: dict) -> None:
         for key, name in (("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
                           ("ftr", "feedback trigger rate"), ("conversation_reward_after", "R_c of the final answers")):
             print(f"  {name:28s} {mean(key):6.3f}")
-        print("how far each agent has moved from its reference policy (KL per token at its last update):")
+        print("how far each agent has moved from its reference policy (KL per token, measured in its last update):")
         for agent in ("feedback", "conversation"):
             kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
             print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
