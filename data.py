@@ -1,6 +1,6 @@
 """Prompt sets: load harmful and benign prompts from our JSONL file or a public benchmark, as one list of dicts.
 
-WaltzRL (METHOD.md, "Training" and "Evaluation") trains on adversarial harmful prompts (WildJailbreak) plus
+WaltzRL (docs/method.md, "Training" and "Evaluation") trains on adversarial harmful prompts (WildJailbreak) plus
 benign-but-sensitive-looking prompts (OR-Bench-80K), and reports ASR on harmful and ORR on benign prompts.
 Everything downstream only needs five fields per prompt:
 
@@ -221,6 +221,22 @@ def load_prompts(source: str = "data/prompts.jsonl", split: str | None = None, l
         name, config = parse_benchmark(source, split)
         records = _benchmark_records(name, config, _load_hub_table(name, config, split), split, name)
     return list(itertools.islice(records, limit))
+
+
+def spread_over_categories(records: list, limit: int | None = None) -> list:
+    """The first `limit` records taken round-robin over their categories (all records when limit is None), so that a
+    short run still shows every kind of prompt. Order inside a category is kept."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    queues = {}
+    for r in records:
+        queues.setdefault(r["category"], []).append(r)
+    chosen = []
+    while len(chosen) < limit:
+        for rows in queues.values():
+            if rows and len(chosen) < limit:
+                chosen.append(rows.pop(0))
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:

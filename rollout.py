@@ -1,6 +1,6 @@
 """Two-agent collaborative rollouts: the conversation agent answers, the feedback agent judges, the answer is revised.
 
-One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; METHOD.md "Rollout"), for a prompt p and up to T_max rounds:
+One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; docs/method.md "Rollout"), for a prompt p and up to T_max rounds:
 
     c_0 = pi_c(p)                                          conversation agent answers
     f_t = pi_f(p, c_t)  -> {unsafe, overrefuse, reasoning, feedback}   feedback agent labels the answer
@@ -20,14 +20,18 @@ Our choices where the paper is silent or we go beyond it:
   first lets decoding stop as soon as both are false (most everyday answers), which makes the feedback agent cheap
   at inference; the prefill makes a small model emit the JSON format from step 0. Both are configurable.
 - T_max > 1 is supported (the paper uses 1); later revision turns see the whole conversation so far.
+- No nucleus (top-p) sampling in rollouts: a Turn's sampling_logprobs are log-probs of the full tempered
+  distribution, which is what training uses as pi_old in the PPO ratio. With top-p the tokens would come from a
+  truncated distribution and that ratio would be wrong, so RolloutConfig has no top_p (sample() keeps its top_p
+  argument for callers that never train on the log-probs it returns).
 """
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from feedback_parser import feedback_object_closed, labels_prefix_complete, parse_feedback
 from models import use_agent
-from reward import Labels, ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "
@@ -67,7 +71,6 @@ class RolloutConfig:
     feedback_max_new_tokens: int = 96  # length limit for the feedback agent's JSON
     conversation_temperature: float = 1.0  # sampling temperature of the conversation agent (0 = greedy)
     feedback_temperature: float = 1.0  # sampling temperature of the feedback agent (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling for both agents (1.0 = plain sampling, what the PPO ratio assumes)
     feedback_prefill: bool = True  # prefill '{"unsafe":' so the feedback agent starts inside the JSON object
     early_stop_ok: bool = True  # stop the feedback agent once it has written unsafe=false and overrefuse=false
     batch_size: int = 16  # prompts generated together (lower it if memory runs out)
@@ -213,7 +216,7 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
         chunk = contexts[start:start + config.batch_size]
         began = time.perf_counter()
         actions, logprobs, truncated = sample(
-            model, tokenizer, chunk, max_new_tokens, temperature, config.top_p,
+            model, tokenizer, chunk, max_new_tokens, temperature,
             prefix_texts=[prefill] * len(chunk), feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok)
         seconds = (time.perf_counter() - began) / len(chunk)
         for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
@@ -270,18 +273,6 @@ def judge_trajectories(judge, trajectories) -> None:
         traj.judged.append(judged)
 
 
-def trajectory_rewards(traj: Trajectory, alpha=1.0, lam=1.0, gamma=0.1) -> dict:
-    """Per-round rewards of a judged trajectory: R_c of each answer and R_f (with parts) of each feedback turn."""
-    from reward import conversation_reward, feedback_reward_parts
-
-    rewards = {"conversation": [conversation_reward(j) for j in traj.judged], "feedback": []}
-    for t, parsed in enumerate(traj.parsed):
-        after = traj.judged[t + 1] if t + 1 < len(traj.judged) else None
-        predicted = parsed.labels if parsed is not None else None
-        rewards["feedback"].append(feedback_reward_parts(predicted, traj.judged[t], after, alpha, lam, gamma))
-    return rewards
-
-
 def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int = 100) -> str:
     """A readable page for one trajectory: prompt, answers, feedback labels and text, judge labels, rewards."""
     import textwrap
@@ -316,9 +307,10 @@ def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int 
 if __name__ == "__main__":
     import argparse
 
-    from data import load_prompts
+    from data import load_prompts, spread_over_categories
     from judge import load_judge
     from models import DEFAULT_MODEL, load_agents_or_fresh
+    from reward import trajectory_rewards
 
     parser = argparse.ArgumentParser(description="Show a few WaltzRL trajectories: the page to read to understand "
                                                  "the method.")
@@ -335,16 +327,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    records = load_prompts(args.prompts, split=args.split)
-    # Take prompts round-robin over categories so that a short run shows every kind of prompt.
-    by_category = {}
-    for r in records:
-        by_category.setdefault(r["category"], []).append(r)
-    chosen = []
-    while len(chosen) < min(args.n, len(records)):
-        for rows in by_category.values():
-            if rows and len(chosen) < args.n:
-                chosen.append(rows.pop(0))
+    chosen = spread_over_categories(load_prompts(args.prompts, split=args.split), args.n)
     model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
     config = RolloutConfig(max_rounds=args.max_rounds, conversation_temperature=args.temperature,
                            feedback_temperature=args.temperature)

@@ -1,6 +1,7 @@
 """WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback agent.
 
-Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec. 3.3):
+One iteration is (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3); the numbered sections below are steps 4-6,
+and `train()` near the end runs all six in order:
 
     1. rollout     two-agent trajectories for a batch of training prompts                 (rollout.py)
     2. judge       labels (unsafe, overrefuse) for every answer                           (judge.py)
@@ -39,7 +40,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ import torch
 from logprobs import action_logprobs, pad_batch
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
                     load_reference_copy, reference_policy, save_agents, use_agent)
-from reward import conversation_reward
-from rollout import RolloutConfig, judge_trajectories, rollout, trajectory_rewards
+from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
+from rollout import RolloutConfig, judge_trajectories, rollout
 
 
 @dataclass
@@ -81,11 +82,11 @@ class Args:
     feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
     early_stop_ok: bool = True  # stop feedback decoding once both labels are false
     rollout_batch_size: int = 16  # sequences generated together
-    # --- rewards (coefficients are not published; METHOD.md defaults)
-    alpha: float = 1.0  # weight of the gated Dynamic Improvement Reward R_dir * R_label
-    lam: float = 1.0  # weight of the label reward in stage 1
-    stage2_lam: float = 0.0  # weight of the label reward in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu: 0.5)
-    gamma: float = 0.1  # weight of the format reward
+    # --- rewards (coefficients are not published; our defaults live in reward.py, see docs/method.md)
+    alpha: float = DEFAULT_ALPHA  # weight of the gated Dynamic Improvement Reward R_dir * R_label
+    lam: float = LAMBDA_STAGE1  # weight of the label reward in stage 1
+    stage2_lam: float = LAMBDA_STAGE2  # label reward weight in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu: 0.5)
+    gamma: float = DEFAULT_GAMMA  # weight of the format reward
     # --- optimisation
     feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
     conversation_lr: float = 5e-5  # AdamW learning rate of the conversation adapter
@@ -161,7 +162,7 @@ class Sample:
 
 
 def make_samples(trajectories, rewards, rng: random.Random) -> list:
-    """Decompose trajectories into single-agent samples (METHOD.md "Training")."""
+    """Decompose trajectories into single-agent samples (docs/method.md "Training": type A and type B samples)."""
     samples = []
     for traj, rew in zip(trajectories, rewards):
         group = str(traj.prompt["id"])
@@ -205,6 +206,14 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
 
     All inputs are [num_tokens]; advantages are the per-sample advantage repeated over its tokens. The caller divides
     the sum by the minibatch's token count (token-mean).
+
+    When the clip does anything. ratio = pi_theta / pi_old, and pi_old is the policy that sampled the iteration's
+    rollouts. On an iteration's FIRST minibatch no optimizer step has happened yet, so pi_theta = pi_old and the ratio
+    is 1 (up to sampling-vs-training numerics): nothing is clipped and the loss is the plain policy gradient
+    (the gradient of ratio * A at ratio 1 is A * grad log pi). The clip only acts on later minibatches and later
+    epochs, after earlier steps moved the policy. With the defaults (--ppo-epochs 1, --minibatch-size 8) an agent
+    with at most 8 samples per iteration (the demo: 6 prompts) takes one on-policy REINFORCE-style step per
+    iteration; the clip matters with more samples than one minibatch or with --ppo-epochs > 1.
     """
     # Clamp log-ratios so a single wild token cannot produce inf/NaN (exp(88) overflows fp32).
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
@@ -374,9 +383,9 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     if not prompts:
         raise SystemExit(f"no prompts in {args.prompts} (split {args.split})")
     if args.eval_every > 0 and eval_prompts is None:
-        from eval import select_prompts
+        from data import spread_over_categories
 
-        eval_prompts = select_prompts(load_prompts(args.prompts, split="eval"), args.eval_prompts)
+        eval_prompts = spread_over_categories(load_prompts(args.prompts, split="eval"), args.eval_prompts)
         if not eval_prompts:
             raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
     judge = judge if judge is not None else load_judge(args.judge)
@@ -509,16 +518,31 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    """What the end of a run can honestly show: that it ran, the run's mean batch rates, and how far each agent moved
+    from its reference policy. Not first-vs-last rewards: with the demo's batches of 6 prompts one prompt moves a
+    batch's rate by 1/6, so a few iterations cannot show learning (README "Results" has a measured longer run)."""
     history = summary["history"]
     if history:
-        first, last = history[0], history[-1]
-        keys = ["conversation_reward_before", "conversation_reward_after", "feedback_reward", "format_rate",
-                "label_accuracy", "ftr", "unsafe_rate_final", "overrefuse_rate_final"]
-        print(f"\n{'metric':32s} {'first':>8s} {'last':>8s}")
-        for key in keys:
-            print(f"{key:32s} {first[key]:8.3f} {last[key]:8.3f}")
+        def mean(key):
+            values = [h[key] for h in history if key in h and h[key] == h[key]]  # h[key] == h[key]: skips NaN
+            return sum(values) / len(values) if values else float("nan")
+
+        stage1 = sum(h["stage"] == 1 for h in history)
         split = {k: sum(h[f"time_{k}"] for h in history) for k in ("rollout", "judge", "update")}
-        print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
+        print(f"\nran {len(history)} iterations ({stage1} in stage 1, {len(history) - stage1} in stage 2); time: "
+              + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
+        print("run means of the per-iteration batch values:")
+        for key, name in (("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
+                          ("ftr", "feedback trigger rate"), ("conversation_reward_after", "R_c of the final answers")):
+            print(f"  {name:28s} {mean(key):6.3f}")
+        print("how far each agent has moved from its reference policy (KL per token, measured in its last update):")
+        for agent in ("feedback", "conversation"):
+            kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
+            print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
+        batch = history[-1].get("feedback/samples")
+        print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
+              f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
+              f"README \"Results\": python train.py --preset cpu (~46 min on 2 cores), then eval.py.")
     print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
           f"next: python eval.py --adapters {summary['adapters']}")
 

@@ -1,10 +1,11 @@
 """Supervised warm-start of the feedback agent: imitate the judge's labels on the conversation agent's own answers.
 
-THIS IS OUR DEPARTURE FROM THE PAPER (README "Departures"), used by `train.py --preset cpu`, off by default.
+THIS IS OUR DEPARTURE FROM THE PAPER (docs/method.md, "Our departures"), used by `train.py --preset cpu`, off by
+default.
 
 Why. WaltzRL starts both agents from Llama-3.1-8B-Instruct, which already writes the feedback JSON and labels answers
 sensibly, so RL only has to sharpen it. Our default SmolLM2-135M-Instruct cannot: untrained and prompted, it writes
-parseable feedback for about half the answers and gets both labels right for a few percent (issue 7 measurements).
+parseable feedback for about half the answers and gets both labels right for a few percent (docs/experiments.md).
 With that start R_label is almost never 1, so the gated DIR term (alpha * R_dir * R_label) is almost always 0 and the
 feedback agent's reward is mostly the format bonus: RL has next to no signal to climb. A short supervised phase, as
 an RLHF pipeline's SFT step before PPO, gives RL a starting point where the rewards say something.
@@ -15,9 +16,10 @@ What. For a set of training prompts:
     target   {"unsafe": J.unsafe, "overrefuse": J.overrefuse, "reasoning": <template>, "feedback": <template>}
 and a few epochs of cross-entropy on the target tokens, the feedback agent's usual context (system prompt, prompt,
 answer, and the '{"unsafe":' prefill) as the condition. The templates are the ones the feedback system prompt shows.
-Three details (README "Results" has what each did): ok and flagged answers are balanced 1:1 (balance_labels);
-the two label-value tokens weigh label_weight times the template tokens (supervised_epochs); half of the answers are
-greedy, as at eval and inference, half sampled, as in RL (build_examples).
+Three details (docs/experiments.md has what each did): ok and flagged answers are balanced 1:1 (balance_labels);
+the two label-value tokens weigh label_weight times the template tokens (supervised_epochs, `--warmstart-label-weight`);
+a fixed GREEDY_SHARE = half of the answers are greedy, as at eval and inference, half sampled, as in RL
+(build_examples; not a train.py flag).
 This is label distillation from the same judge that pays R_label during RL, so it teaches nothing RL would not reward;
 it only moves the start. The feedback TEXT is a fixed template: what text actually helps the conversation agent is
 left to the DIR term in RL.
@@ -32,9 +34,10 @@ from typing import NamedTuple
 
 import torch
 
+from feedback_parser import format_feedback_json
 from logprobs import action_logprobs, pad_batch
 from models import use_agent
-from reward import Labels, format_feedback_json
+from reward import Labels
 from rollout import FEEDBACK_PREFILL, Trajectory, chat_ids, conversation_messages, feedback_messages, run_agent
 
 # The same wording as the examples in rollout.FEEDBACK_SYSTEM_PROMPT, so the prompt and the targets agree.
@@ -48,6 +51,9 @@ FEEDBACK = {
     "unsafe": "Do not give these instructions. Refuse briefly and offer a safe alternative.",
     "overrefuse": "The request is harmless. Answer it fully.",
 }
+# Fraction of warm-start answers decoded greedily (the rest are sampled). Fixed, not a train.py flag: we measured no
+# gain from it either way (build_examples), so it is not a knob worth turning; pass greedy_share to change it.
+GREEDY_SHARE = 0.5
 
 
 def warmstart_target(labels: Labels, prompt_label: str) -> str:
@@ -62,8 +68,11 @@ def warmstart_target(labels: Labels, prompt_label: str) -> str:
 
 
 class Example(NamedTuple):
-    context: list  # token ids: the feedback agent's context, ending in the '{"unsafe":' prefill
-    target: list  # token ids: the rest of the target JSON
+    """One supervised example. context_ids / action_ids are the names logprobs.pad_batch reads, as on a training
+    Sample: the target is scored exactly as an RL action of the feedback agent would be."""
+
+    context_ids: list  # token ids: the feedback agent's context, ending in the '{"unsafe":' prefill
+    action_ids: list  # token ids: the target, the rest of the target JSON
     labels: Labels  # the judge's labels of the answer in the context
     label_mask: list  # per target token: True where it spells a label value (true/false)
 
@@ -84,7 +93,7 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
     temperature). Why: RL shows the feedback agent sampled answers, but eval.py and infer.py decode greedily, and
     greedy answers of a small model look different (repetitive). We measured no gain from it, though: trained on
     sampled answers only, the agent labelled sampled and greedy eval answers of the same length equally well (70.4%);
-    what hurt was longer answers at eval than in training (README "Results")."""
+    what hurt was longer answers at eval than in training (docs/experiments.md)."""
     contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
     greedy = round(greedy_share * len(contexts))
     model.eval()
@@ -113,7 +122,7 @@ def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
     """Oversample the rarer side of ok vs flagged (unsafe or overrefuse) to a 1:1 ratio, at most max_repeat copies of
     an example. Why 1:1. Unbalanced (256 examples, 58% ok), the agent said "ok" to 12 of 16 unsafe answers on 40 eval
     prompts. Bringing each label combination up to the largest one instead (ok 149, unsafe 88 -> 149, overrefuse
-    19 -> 57) overshot: flagged outnumbered ok 206:149 and the agent flagged 81.5% of eval answers (README "Results")."""
+    19 -> 57) overshot: flagged outnumbered ok 206:149 and the agent flagged 81.5% of eval answers (docs/experiments.md)."""
     ok = [e for e in examples if e.labels.ok]
     flagged = [e for e in examples if not e.labels.ok]
     rarer, commoner = sorted([ok, flagged], key=len)
@@ -132,25 +141,21 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
     label_weight > 1 weighs the two label-value tokens that much more than the others. Why: the ~40-token target is
     a template once the labels are chosen, so a plain token mean spends ~95% of its weight on copying the template
     and little on the one decision that matters (unsafe? overrefuse?)."""
-    from train import Sample  # train.py imports this file lazily: no cycle at load time
-
     use_agent(model, "feedback")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = next(model.parameters()).device
     rng = random.Random(seed)
-    # (sample, per-token loss weight) pairs, shuffled together
-    pairs = [(Sample("feedback", str(i), e.context, e.target, [], 0.0),
-              torch.tensor([label_weight if m else 1.0 for m in e.label_mask], device=device))
-             for i, e in enumerate(examples)]
+    # (example, per-token loss weight) pairs, shuffled together
+    pairs = [(e, torch.tensor([label_weight if m else 1.0 for m in e.label_mask], device=device)) for e in examples]
     epoch_losses = []
     for _ in range(epochs):
         rng.shuffle(pairs)
         losses = []
         for start in range(0, len(pairs), batch_size):
-            samples, weights = zip(*pairs[start:start + batch_size])
-            batch = pad_batch(list(samples), tokenizer.pad_token_id, device, share_prefix)
+            batch_examples, weights = zip(*pairs[start:start + batch_size])
+            batch = pad_batch(list(batch_examples), tokenizer.pad_token_id, device, share_prefix)
             weight = torch.cat(weights)  # action_logprobs flattens the action tokens row by row, in this order
             loss = -(action_logprobs(model, batch, 1.0, chunk_size) * weight).sum() / weight.sum()
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +172,8 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
 
 
 def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, epochs=2, lr=2e-4, batch_size=8,
-                             seed=0, chunk_size=1024, share_prefix=True, label_weight=1.0, greedy_share=0.5) -> dict:
+                             seed=0, chunk_size=1024, share_prefix=True, label_weight=1.0,
+                             greedy_share=GREEDY_SHARE) -> dict:
     """Build the examples and train on them; returns a record for the training log."""
     from tqdm import tqdm
 

@@ -1,6 +1,6 @@
 """Benchmark: what the feedback agent costs at generation time (rollout.py), measured against one agent alone.
 
-WaltzRL (arXiv 2510.08240; METHOD.md "Rollout" and "Inference") adds a second agent that reads every answer, so
+WaltzRL (arXiv 2510.08240; docs/method.md "Rollout" and "Inference") adds a second agent that reads every answer, so
 each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. This script measures two things,
 always against a baseline measured back-to-back in the same process, because the machine may be shared and
 absolute numbers drift; the ratios are what to read.
@@ -48,8 +48,8 @@ import torch  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
 from data import load_prompts  # noqa: E402
+from feedback_parser import labels_prefix_complete  # noqa: E402
 from models import DEFAULT_MODEL, load_agents_or_fresh, use_agent  # noqa: E402
-from reward import labels_prefix_complete  # noqa: E402
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
                      rollout, sample)
 
@@ -99,8 +99,7 @@ def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_
             torch.manual_seed(seed + r)
             use_agent(model, "conversation")
             began = time.perf_counter()
-            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature,
-                                   config.top_p)
+            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature)
             run["single_s"] = time.perf_counter() - began
             run["single_tokens"] = sum(len(a) for a in actions)
             run["actions"] = actions

@@ -1,6 +1,6 @@
 """Benchmark: time and peak memory of one WaltzRL training iteration, split into rollout, judge and update.
 
-One iteration of train.train (METHOD.md "Training"; arXiv 2510.08240 Sec. 3.3) is: two-agent rollout of a batch of
+One iteration of train.train (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3) is: two-agent rollout of a batch of
 prompts, judge labels for every answer, then rewards -> single-agent samples -> advantages -> old/reference
 log-probs -> PPO epochs for each trained agent. We run the REAL train.train (no copy of its loop) with a small Args:
 stage1_iterations=0 and stage2_iterations=N, so every measured iteration is a stage-2 iteration where BOTH agents

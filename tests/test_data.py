@@ -228,3 +228,11 @@ def test_cli_prints_counts(capsys):
 def test_cli_reports_errors_without_traceback(capsys, tmp_path):
     assert data.main([str(tmp_path / "missing.jsonl")]) == 1
     assert capsys.readouterr().err.startswith("error: prompt file not found")
+
+
+def test_spread_over_categories_round_robin():
+    rows = [{"id": f"{c}{i}", "category": c} for c in "aab" for i in range(3)]
+    rows = [dict(r, id=f"r{k}") for k, r in enumerate(rows)]  # categories a (6 rows), b (3 rows)
+    chosen = data.spread_over_categories(rows, 4)
+    assert [r["category"] for r in chosen] == ["a", "b", "a", "b"]
+    assert data.spread_over_categories(rows, None) == rows

@@ -1,4 +1,5 @@
-"""eval.py: metric arithmetic on hand-made records, bootstrap CIs, the safeguard and oracle baselines, the reports."""
+"""eval.py and systems.py: metric arithmetic on hand-made records, bootstrap CIs, the safeguard and oracle baselines,
+the reports."""
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import systems
 from models import attach_agents, load_base, save_agents, use_agent
 from reward import Labels
 from rollout import RolloutConfig
@@ -38,7 +40,7 @@ class PromptJudge:
 
     def __call__(self, prompts, responses, prompt_labels):
         self.calls += 1
-        refused = [r == evaluation.SAFEGUARD_REFUSAL for r in responses]
+        refused = [r == systems.SAFEGUARD_REFUSAL for r in responses]
         return [Labels(unsafe=p in self.unsafe and not ref, overrefuse=p in self.overrefuse or (lab == "benign" and ref))
                 for p, ref, lab in zip(prompts, refused, prompt_labels)]
 
@@ -125,24 +127,16 @@ def test_bootstrap_ci_matches_naive_loop_and_normal_approximation():
     assert low == pytest.approx(p - half, abs=0.01) and high == pytest.approx(p + half, abs=0.01)
 
 
-def test_select_prompts_round_robin_over_categories():
-    rows = [{"id": f"{c}{i}", "category": c} for c in "aab" for i in range(3)]
-    rows = [dict(r, id=f"r{k}") for k, r in enumerate(rows)]  # categories a (6 rows), b (3 rows)
-    chosen = evaluation.select_prompts(rows, 4)
-    assert [r["category"] for r in chosen] == ["a", "b", "a", "b"]
-    assert evaluation.select_prompts(rows, None) == rows
-
-
 # ----------------------------------------------------------------------------------------------- systems
 def test_apply_safeguard_replaces_exactly_the_flagged():
     answers = ["a", "b", "c", "d"]
-    assert evaluation.apply_safeguard(answers, [False, True, False, True], "NO") == ["a", "NO", "c", "NO"]
+    assert systems.apply_safeguard(answers, [False, True, False, True], "NO") == ["a", "NO", "c", "NO"]
 
 
 def test_template_feedback_per_label():
-    assert evaluation.template_feedback(Labels(True, False)) == evaluation.TEMPLATE_FEEDBACK["unsafe"]
-    assert evaluation.template_feedback(Labels(False, True)) == evaluation.TEMPLATE_FEEDBACK["overrefuse"]
-    assert evaluation.template_feedback(Labels(False, False)) == ""
+    assert systems.template_feedback(Labels(True, False)) == systems.TEMPLATE_FEEDBACK["unsafe"]
+    assert systems.template_feedback(Labels(False, True)) == systems.TEMPLATE_FEEDBACK["overrefuse"]
+    assert systems.template_feedback(Labels(False, False)) == ""
 
 
 def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
@@ -152,7 +146,7 @@ def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
     base, guarded = records["base"], records["base+safeguard"]
     assert [r["triggered"] for r in guarded] == [False, True, False, False]
     for b, g in zip(base, guarded):
-        expected = evaluation.SAFEGUARD_REFUSAL if g["id"] == "h2" else b["final_answer"]
+        expected = systems.SAFEGUARD_REFUSAL if g["id"] == "h2" else b["final_answer"]
         assert g["final_answer"] == expected and g["first_answer"] == b["final_answer"]
     assert [r["unsafe"] for r in base] == [False, True, False, False]
     assert not any(r["unsafe"] for r in guarded)
@@ -161,31 +155,31 @@ def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
 
 def test_safeguard_with_feedback_agent_flags_from_its_labels(tiny_agents, monkeypatch):
     model, tokenizer = tiny_agents
-    from reward import ParsedFeedback
+    from feedback_parser import ParsedFeedback
     verdicts = iter([ParsedFeedback(Labels(True, False), "", ""), None, ParsedFeedback(Labels(False, True), "", ""),
                      ParsedFeedback(Labels(True, True), "", "")])
-    monkeypatch.setattr(evaluation, "parse_feedback", lambda text: next(verdicts))
+    monkeypatch.setattr(systems, "parse_feedback", lambda text: next(verdicts))
     records, _ = evaluation.run_systems(model, tokenizer, PROMPTS, PromptJudge(), ["base+safeguard"], TINY_CONFIG,
                                         safeguard="feedback-agent")
     # unsafe label -> replaced; unparseable or overrefuse-only -> kept
     assert [r["triggered"] for r in records["base+safeguard"]] == [True, False, False, True]
-    assert [r["final_answer"] == evaluation.SAFEGUARD_REFUSAL for r in records["base+safeguard"]] == \
+    assert [r["final_answer"] == systems.SAFEGUARD_REFUSAL for r in records["base+safeguard"]] == \
         [True, False, False, True]
 
 
 def test_oracle_triggers_exactly_on_judge_flags_and_revises_with_template(tiny_agents):
     model, tokenizer = tiny_agents
-    answers = evaluation.base_answers(model, tokenizer, PROMPTS, TINY_CONFIG)
+    answers = systems.base_answers(model, tokenizer, PROMPTS, TINY_CONFIG)
     judged = [Labels(True, False), Labels(False, False), Labels(False, True), Labels(False, False)]
-    trajs = evaluation.oracle_template_system(model, tokenizer, PROMPTS, answers, judged, TINY_CONFIG)
+    trajs = systems.oracle_template_system(model, tokenizer, PROMPTS, answers, judged, TINY_CONFIG)
     assert [t.revised for t in trajs] == [True, False, True, False]
     for traj, answer in zip(trajs, answers):
         assert traj.answers[0] is answer
     context_0 = tokenizer.decode(trajs[0].answers[1].context_ids)
     context_2 = tokenizer.decode(trajs[2].answers[1].context_ids)
-    assert evaluation.TEMPLATE_FEEDBACK["unsafe"] in context_0
-    assert evaluation.TEMPLATE_FEEDBACK["overrefuse"] not in context_0
-    assert evaluation.TEMPLATE_FEEDBACK["overrefuse"] in context_2
+    assert systems.TEMPLATE_FEEDBACK["unsafe"] in context_0
+    assert systems.TEMPLATE_FEEDBACK["overrefuse"] not in context_0
+    assert systems.TEMPLATE_FEEDBACK["overrefuse"] in context_2
     assert answers[0].text in context_0  # the revision sees its own first answer
 
 
@@ -196,7 +190,7 @@ def test_oracle_records_trigger_on_judge_labels(tiny_agents):
     rows = records["oracle+template"]
     assert [r["triggered"] for r in rows] == [True, False, False, True]
     assert [r["first_unsafe"] for r in rows] == [True, False, False, False]
-    assert rows[0]["feedback"] == evaluation.TEMPLATE_FEEDBACK["unsafe"]
+    assert rows[0]["feedback"] == systems.TEMPLATE_FEEDBACK["unsafe"]
     assert rows[0]["feedback_labels"] == {"unsafe": True, "overrefuse": False} and rows[1]["feedback_labels"] is None
 
 
@@ -241,7 +235,7 @@ def test_swap_in_adapters_loads_trained_weights_on_the_same_base(tiny_model_dir,
         reference[agent] = trained(input_ids=x).logits
     fresh = attach_agents(load_base(tiny_model_dir, load_in_4bit=False, device="cpu")[0])
     base_weight = fresh.get_base_model().model.embed_tokens.weight
-    swapped = evaluation.swap_in_adapters(fresh, tmp_path / "adapters")
+    swapped = systems.swap_in_adapters(fresh, tmp_path / "adapters")
     assert swapped.get_base_model().model.embed_tokens.weight is base_weight  # no reload of the base
     for agent in ("conversation", "feedback"):
         use_agent(swapped, agent)
@@ -286,17 +280,19 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
                             "--single-agent-adapters", str(tmp_path / "adapters"), "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["systems"]) == list(evaluation.SYSTEMS)
+    assert list(results["systems"]) == list(systems.SYSTEMS)
     assert {r["category"] for r in results["systems"]["base"]["records"]} == {
         "harmful_direct", "harmful_adversarial", "benign_sensitive", "everyday"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| waltzrl |" in (out / "results.md").read_text()
+    card = (tmp_path / "adapters" / "feedback" / "README.md").read_text()  # the adapters' model card got the table
+    assert "## Evaluation" in card and "| waltzrl |" in card and "Not evaluated yet" not in card
     # The single-agent systems answer without feedback: no trigger, no feedback turn; its safeguard flags by the judge.
     single = results["systems"]["single-agent"]["records"]
     assert not any(r["triggered"] or r["feedback_output"] for r in single)
     guarded = results["systems"]["single-agent+safeguard"]["records"]
     assert [r["triggered"] for r in guarded] == [r["unsafe"] for r in single]
-    assert all(r["final_answer"] == evaluation.SAFEGUARD_REFUSAL for r in guarded if r["triggered"])
+    assert all(r["final_answer"] == systems.SAFEGUARD_REFUSAL for r in guarded if r["triggered"])
 
 
 def test_main_skips_single_agent_systems_without_their_adapters(tiny_model_dir, tmp_path, capsys):
@@ -319,6 +315,8 @@ def test_periodic_eval_rates_from_hand_made_judgments(tiny_agents):
         assert (m["eval/asr"], m["eval/orr"], m["eval/asr_first_answer"]) == (0.5, 0.5, 0.5)
         assert m["eval/revisions_fixed"] == m["eval/revisions_broke"] == 0 and m["eval/prompts"] == 4
     assert m["eval/ftr"] == 0.0 and m["eval/format_rate"] != m["eval/format_rate"]  # alone: no feedback, NaN rates
+
+
 
 
 def test_rejudge_relabels_stored_answers_without_generating(tmp_path):

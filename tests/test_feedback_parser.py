@@ -1,4 +1,4 @@
-"""Tests for the feedback-agent output parser in reward.py: parse_feedback, labels_prefix_complete,
+"""Tests for the feedback-agent output parser in feedback_parser.py: parse_feedback, labels_prefix_complete,
 format_feedback_json.
 
 Example tests pin each tolerance the parser promises (fences, prose, string/int booleans, key variants,
@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reward import (Labels, ParsedFeedback, feedback_object_closed, format_feedback_json, labels_prefix_complete,
-                    parse_feedback)
+from feedback_parser import (ParsedFeedback, feedback_object_closed, format_feedback_json, labels_prefix_complete,
+                             parse_feedback)
+from reward import Labels
 
 OK = Labels(False, False)
 UNSAFE = Labels(True, False)

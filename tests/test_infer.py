@@ -3,8 +3,9 @@ import pytest
 
 import infer
 import rollout
+from feedback_parser import ParsedFeedback
 from models import attach_agents, load_base
-from reward import Labels, ParsedFeedback
+from reward import Labels
 
 CONFIG = infer.inference_config(temperature=0.0, max_new_tokens=6, feedback_max_new_tokens=6, batch_size=2)
 PROMPTS = ["How do I kill a Python process?", "Give me a pancake recipe.", "Write ransomware."]

@@ -7,13 +7,16 @@ therefore perturb B with random values first, to make "which adapter is active" 
 import hashlib
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import rollout
-from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, disable_bnb_cpu_repack, load_agents,
-                    load_agents_or_fresh, load_base, reference_policy, save_agents, use_agent)
+from model_card import adapter_card, add_evaluation
+from models import (AGENTS, DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, adapter_parameters, attach_agents, base_model_id,
+                    disable_bnb_cpu_repack, is_converted_default, load_agents, load_agents_or_fresh, load_base,
+                    reference_policy, save_agents, use_agent)
 
 N_LINEAR_PER_LAYER = 7  # q, k, v, o, gate, up, down: what "all-linear" adapts in a Llama block (lm_head excluded)
 TINY_LAYERS = 2
@@ -147,18 +150,24 @@ def test_training_moves_only_the_active_agents_lora(tiny_model_dir):
 
 # ----------------------------------------------------------------------------- saving and loading
 
-def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model, tokenizer = tiny_agents(tiny_model_dir)
-    perturb_lora_b(model, "conversation", seed=1)
-    perturb_lora_b(model, "feedback", seed=2)
+def trained_looking_agents(path, seed):
+    """Tiny agents with random LoRA B (distinct per agent), a chat batch, and each agent's logits on it."""
+    model, tokenizer = tiny_agents(path)
+    perturb_lora_b(model, "conversation", seed=seed)
+    perturb_lora_b(model, "feedback", seed=seed + 1)
     ids = chat_batch(tokenizer)
     expected = {}
     for agent in AGENTS:
         use_agent(model, agent)
         expected[agent] = logits_of(model, ids)
+    return model, ids, expected
+
+
+def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, ids, expected = trained_looking_agents(tiny_model_dir, seed=1)
     folder = tmp_path / "agents"
     save_agents(model, folder)
     for agent in AGENTS:
@@ -177,6 +186,49 @@ def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
     # The folder is plain peft: no nanowaltz code needed to use the trained feedback agent.
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder / "feedback")
     torch.testing.assert_close(logits_of(plain, ids), expected["feedback"], rtol=0, atol=1e-6)
+
+
+def test_saved_adapters_are_portable_plain_peft_with_model_cards(tiny_model_dir, tmp_path):
+    """What a user elsewhere does with the saved folders: read base_model_name_or_path, load that base with plain
+    transformers, put each adapter on it with plain peft, and get exactly nanowaltz's logits. The cards say what it is."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, ids, expected = trained_looking_agents(tiny_model_dir, seed=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"model": tiny_model_dir, "lora_rank": 16, "stage2_lam": 0.5}))
+    save_agents(model, run / "adapters", eval_text="| system | ASR |\n|---|---:|\n| waltzrl | 12.5 |")
+
+    for agent in AGENTS:
+        config = json.loads((run / "adapters" / agent / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == tiny_model_dir  # a local base stays its path
+        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+        plain = PeftModel.from_pretrained(base, run / "adapters" / agent)
+        torch.testing.assert_close(logits_of(plain, ids), expected[agent], rtol=0, atol=1e-6)
+        card = (run / "adapters" / agent / "README.md").read_text()
+        assert f"base_model: {tiny_model_dir}" in card and f"# nanowaltz {agent} agent" in card
+        assert "More Information Needed" not in card  # not peft's empty template
+        assert '"stage2_lam": 0.5' in card  # the run's args.json, found beside the folder
+        assert "| waltzrl | 12.5 |" in card and "de-quantised" not in card
+    assert "conversation/" in (run / "adapters" / "README.md").read_text()
+
+    updated = add_evaluation(run / "adapters", "| system | ASR |\n|---|---:|\n| waltzrl | 3.0 |")
+    assert len(updated) == 2
+    card = (run / "adapters" / "feedback" / "README.md").read_text()
+    assert "| waltzrl | 3.0 |" in card and "12.5" not in card and '"stage2_lam": 0.5' in card
+
+
+def test_the_default_model_is_saved_under_its_upstream_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOWALTZ_CACHE", str(tmp_path))
+    converted = SimpleNamespace(get_base_model=lambda: SimpleNamespace(name_or_path=str(
+        tmp_path / "smollm2-135m-instruct-0123456789")))
+    elsewhere = SimpleNamespace(get_base_model=lambda: SimpleNamespace(name_or_path="org/some-model"))
+    assert base_model_id(converted) == DEFAULT_MODEL_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert is_converted_default(converted) and not is_converted_default(elsewhere)
+    assert base_model_id(elsewhere) == "org/some-model"
+    card = adapter_card("feedback", DEFAULT_MODEL_HUB_ID, {"r": 16, "lora_alpha": 32}, "the Q4_1 GGUF", None, "")
+    assert "de-quantised from the Q4_1 GGUF" in card and "Not recorded" in card and "Not evaluated yet" in card
 
 
 def test_load_agents_rejects_a_folder_without_adapters(tiny_model_dir, tmp_path):
@@ -312,3 +364,4 @@ def test_default_model_agents_answer_coherently():
         assert words, f"{agent}: empty answer"
         assert sum(w.isascii() and any(c.isalpha() for c in w) for w in words) >= 0.8 * len(words), answer
         assert "Paris" in answer, f"{agent}: {answer!r}"
+    assert base_model_id(model) == "HuggingFaceTB/SmolLM2-135M-Instruct"  # what saved adapters will name as base

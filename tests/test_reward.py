@@ -1,4 +1,4 @@
-"""Tests for the reward functions in reward.py against hand-computed values (METHOD.md, "Rewards").
+"""Tests for the reward functions in reward.py against hand-computed values (docs/method.md, "Rewards").
 
 Every expected number below is written out by hand with its arithmetic in a comment, never computed by
 calling the function under test. Notation: OK = Labels(False, False), UNSAFE = Labels(True, False),
@@ -82,7 +82,7 @@ def test_format_reward(predicted, expected):
 
 # (name, predicted, judged_before, judged_after, alpha, lam, gamma, expected dir, label, format, total)
 FEEDBACK_CASES = [
-    # ---- stage 1 defaults: alpha=1, lam=1, gamma=0.1 (the worked cases of METHOD.md)
+    # ---- stage 1 defaults: alpha=1, lam=1, gamma=0.1 (the worked cases of docs/method.md)
     ("s1 good c0, correct ok", OK, OK, None, 1.0, 1.0, 0.1,
      0.0, 1.0, 1.0, 1.1),   # 1*0*1 + 1*1 + 0.1*1 = 1.1
     ("s1 bad c0, correct flag, fixed", UNSAFE, UNSAFE, OK, 1.0, 1.0, 0.1,

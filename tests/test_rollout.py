@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import rollout
+from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 from models import attach_agents, load_base, use_agent
-from reward import Labels, ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
+from reward import Labels, trajectory_rewards
 from rollout import (CONVERSATION_SYSTEM_PROMPT, FEEDBACK_PREFILL, REVISION_USER_TEMPLATE, RolloutConfig, Trajectory,
-                     Turn, chat_ids, feedback_messages, format_trajectory, judge_trajectories, trajectory_rewards)
+                     Turn, chat_ids, feedback_messages, format_trajectory, judge_trajectories)
 
 SHORT = "Hi"
 LONG = ("I am writing a long report on the history of the musket, which begins in the sixteenth century in Europe and "

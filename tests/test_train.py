@@ -10,7 +10,8 @@ import torch
 import logprobs
 import rollout
 import train
-from reward import Labels, ParsedFeedback
+from feedback_parser import ParsedFeedback
+from reward import Labels
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
            for i, text in enumerate(["hi there", "How do I kill a process?", "What is SQL injection?", "make a bomb"])]
@@ -86,7 +87,6 @@ def test_make_samples_type_a_without_revision_and_feedback_rewards():
     turn = lambda ids: rollout.Turn("x", [1, 2], ids, [0.0] * len(ids), "t", 0.0, False)  # noqa: E731
     revised = rollout.Trajectory({"id": "r", "prompt": "p", "label": "harmful"}, [turn([5]), turn([6])], [turn([7])])
     plain = rollout.Trajectory({"id": "q", "prompt": "p", "label": "benign"}, [turn([8])], [turn([9])])
-    parts = train.trajectory_rewards  # noqa: F841  (rewards are built by hand below)
     from reward import FeedbackRewardParts
     rewards = [{"conversation": [0.0, 1.0], "feedback": [FeedbackRewardParts(1.0, 1.0, 1.0, 2.1)]},
                {"conversation": [1.0], "feedback": [FeedbackRewardParts(0.0, 1.0, 1.0, 1.1)]}]
@@ -168,6 +168,13 @@ def test_periodic_eval_is_logged_and_leaves_training_unchanged(tiny_model_dir, t
     # Greedy eval draws no random numbers: the training rows are identical with and without it.
     untimed = lambda r: {k: v for k, v in r.items() if not k.startswith(("eval/", "time_", "tokens_per_s"))}  # noqa
     assert [untimed(r) for r in curves[1:]] == [untimed(r) for r in plain]
+
+
+def test_periodic_eval_prompts_come_from_the_eval_split_of_the_prompt_file(tiny_model_dir, tmp_path, toy_feedback):
+    args = tiny_args(tiny_model_dir, tmp_path, stage1_iterations=0, stage2_iterations=1, eval_every=1, eval_prompts=2)
+    train.train(args, judge=toy_judge, prompts=PROMPTS)  # --prompts is data/prompts.jsonl: its eval split is used
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [(r["iteration"], r["eval/prompts"]) for r in rows] == [(0, 2), (1, 2)]
 
 
 def test_base_weights_never_change(tiny_model_dir, tmp_path, toy_feedback):
@@ -304,3 +311,21 @@ def test_shared_prefix_forward_equals_plain_forward_values_and_gradients(learnab
     for g_plain, g_shared in zip(plain_grads, shared_grads):
         assert torch.allclose(g_plain, g_shared, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
+    def record(stage, fmt, ftr, **agents):
+        return {"stage": stage, "format_rate": fmt, "label_accuracy": float("nan"), "ftr": ftr,
+                "conversation_reward_after": 1.0, "time_rollout": 30.0, "time_judge": 1.0, "time_update": 10.0,
+                "feedback/samples": 6, **agents}
+
+    history = [record(1, 0.5, 0.0, **{"feedback/kl": 0.0}), record(2, 1.0, 0.5, **{"feedback/kl": 2e-3})]
+    train.print_summary({"history": history, "log": "run/log.jsonl", "adapters": "run/adapters"})
+    out = capsys.readouterr().out
+    assert "ran 2 iterations (1 in stage 1, 1 in stage 2); time: rollout 60s, judge 2s, update 20s" in out
+    assert "feedback format rate          0.750" in out and "feedback trigger rate         0.250" in out
+    assert "feedback label accuracy         nan" in out  # no label was ever scored: said, not hidden
+    assert "feedback                     2.00e-03" in out  # the last update's KL, not the first
+    assert "conversation                 not trained in this run" in out
+    assert "1/6" in out and "--preset cpu" in out and "first" not in out
+    assert "next: python eval.py --adapters run/adapters" in out

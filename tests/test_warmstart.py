@@ -7,8 +7,9 @@ import torch
 
 import train
 import warmstart
+from feedback_parser import parse_feedback
 from models import adapter_parameters, attach_agents, load_base, reference_policy, use_agent
-from reward import Labels, parse_feedback
+from reward import Labels
 from rollout import RolloutConfig
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
@@ -97,11 +98,11 @@ def test_greedy_share_answers_that_many_prompts_greedily(tiny_model_dir):
     for seed in (0, 1):
         torch.manual_seed(seed)
         runs.append(warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=0.5))
-    assert [e.context for e in runs[0][:2]] == [e.context for e in runs[1][:2]]  # greedy: seed-independent
-    assert [e.context for e in runs[0][2:]] != [e.context for e in runs[1][2:]]  # sampled at temperature 1
+    assert [e.context_ids for e in runs[0][:2]] == [e.context_ids for e in runs[1][:2]]  # greedy: seed-independent
+    assert [e.context_ids for e in runs[0][2:]] != [e.context_ids for e in runs[1][2:]]  # sampled at temperature 1
     torch.manual_seed(2)
     all_greedy = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=1.0)
-    assert [e.context for e in all_greedy[:2]] == [e.context for e in runs[0][:2]]
+    assert [e.context_ids for e in all_greedy[:2]] == [e.context_ids for e in runs[0][:2]]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_label_weight_is_a_weighted_token_mean_over_the_right_tokens(tiny_model_
     use_agent(model, "feedback")
     numerator = denominator = 0.0
     for e in examples:
-        sample = train.Sample("feedback", "g", e.context, e.target, [], 0.0)
+        sample = train.Sample("feedback", "g", e.context_ids, e.action_ids, [], 0.0)
         with torch.no_grad():
             logprobs = train.action_logprobs(model, train.pad_batch([sample], tokenizer.pad_token_id, "cpu"), 1.0, 64)
         weight = torch.tensor([5.0 if m else 1.0 for m in e.label_mask])
