@@ -37,9 +37,11 @@ import os
 import random
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partialmethod
 
 import torch
 import torch.distributed as dist
+import tqdm
 
 # Startup (imports, model loading) can take minutes and ranks get there at different speeds; --dist-timeout, the
 # bound on every later wait, takes over after the first sync (broadcast_adapters).
@@ -61,8 +63,9 @@ def init(timeout_s: float) -> None:
     else:
         backend = "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
-    if rank() != 0:
-        os.environ["TQDM_DISABLE"] = "1"  # one progress bar (rank 0's), not N interleaved ones
+    if rank() != 0:  # one set of progress bars (rank 0's), not N interleaved ones. TQDM_DISABLE=1 would do this,
+        # but tqdm reads it when first imported, long before this point; this is the same override, applied now.
+        tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 def active() -> bool:
@@ -171,7 +174,8 @@ def all_reduce_gradients(params: list, finite: bool, loss: float) -> tuple:
     if not active():
         return finite, loss
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(not finite), loss], device=_device())])
+    flags = torch.tensor([float(not finite), loss], device=_device())
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [flags])
     with _sync_point("the gradient all-reduce"):
         dist.all_reduce(flat)
     offset = 0

@@ -16,6 +16,10 @@ Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
 (warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained.
 
+`torchrun --nproc-per-node N train.py ...` trains data-parallel on N GPUs: the global batch and optimizer steps of one
+process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`;
+they do nothing in a plain `python train.py` run.
+
 What we simplify or choose (the paper publishes no code or hyperparameters):
 - LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
 - KL is a loss term (the k3 estimator of Schulman, "Approximating KL Divergence", 2020, as in GRPO), not a
@@ -443,7 +447,7 @@ def train(args: Args, judge=None, prompts=None) -> dict:
 
             # 2. judge, 3. rewards
             began = time.perf_counter()
-            with distributed.stop_all_on_error("judging"):
+            with distributed.stop_all_on_error("judging"):  # distributed: judges this rank's slice
                 judge_trajectories(judge, trajectories)
             trajectories = distributed.gather(trajectories)  # distributed: from here on, the whole batch on every rank
             judge_seconds = time.perf_counter() - began
@@ -485,7 +489,7 @@ def train(args: Args, judge=None, prompts=None) -> dict:
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(model, optimizers, iteration, args, rng, checkpoint)
-        if distributed.is_main():
+        if distributed.is_main():  # distributed: rank 0 prints
             print(f"\nInterrupted at iteration {iteration}: checkpoint saved to {checkpoint}; continue with --resume")
         raise SystemExit(130)
     except torch.OutOfMemoryError:

@@ -4,8 +4,9 @@
 
 Starting the ranks costs many seconds of imports, so one launch runs every scenario in turn, writing results to OUT:
 (a) one PPO update of fixed samples, per rank, to compare with one process; (b) a short end-to-end train() run on
-the tiny model, then a --resume of it; (c) a bad prompt that only rank 1 gets must stop both ranks; last, a rank that
-hangs must be given up on after --dist-timeout (which ends the launch with an error, as it should).
+the tiny model, a --resume of it, and the same run without the break; (c) a bad prompt that only rank 1 gets must
+stop both ranks; last, a rank that hangs must be given up on after --dist-timeout (which ends the launch with an
+error, as it should).
 """
 import json
 import os
@@ -87,8 +88,11 @@ def scenario_train(model_dir, out):
     summary = train.train(tiny_train_args(model_dir, str(Path(out) / "run")))
     first = adapter_fingerprint(summary["model"])
     summary = train.train(tiny_train_args(model_dir, str(Path(out) / "run"), "--stage2-iterations", "2", "--resume"))
+    resumed = adapter_fingerprint(summary["model"])
+    straight = train.train(tiny_train_args(model_dir, str(Path(out) / "run_straight"), "--stage2-iterations", "2"))
     (Path(out) / f"train_rank{rank}.json").write_text(json.dumps(
-        {"fingerprint_first_run": first, "fingerprint_resumed": adapter_fingerprint(summary["model"]),
+        {"fingerprint_first_run": first, "fingerprint_resumed": resumed,
+         "fingerprint_straight": adapter_fingerprint(straight["model"]),
          "iterations": [h["iteration"] for h in summary["history"]]}))
 
 

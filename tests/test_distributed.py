@@ -79,6 +79,12 @@ def test_two_rank_run_writes_one_log_and_checkpoint_and_resumes(launch):
     assert ranks[0]["fingerprint_first_run"] == ranks[1]["fingerprint_first_run"]  # identical adapters on both ranks
     assert ranks[0]["fingerprint_resumed"] == ranks[1]["fingerprint_resumed"]
     assert ranks[0]["fingerprint_resumed"] != ranks[0]["fingerprint_first_run"]
+    # resuming continues exactly: the same adapters and log as the run that was never stopped
+    assert ranks[0]["fingerprint_resumed"] == ranks[0]["fingerprint_straight"]
+    straight = [json.loads(line) for line in (out / "run_straight" / "log.jsonl").read_text().splitlines()]
+    for record, expected in zip(records, straight):
+        assert {k: v for k, v in record.items() if not k.startswith(("time_", "tokens_per_s"))} == \
+            {k: v for k, v in expected.items() if not k.startswith(("time_", "tokens_per_s"))}
 
 
 def test_a_failing_rank_stops_every_rank_and_a_hanging_rank_times_out(launch):
