@@ -81,7 +81,12 @@ def default_model_path() -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     plain_model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process (a torchrun rank) converted it first: keep theirs
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

@@ -237,7 +237,7 @@ class EmbeddingDetector:
             return
         self.w, self.b = self._fit(load_refusal_data(data_path))
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")  # one per process: torchrun ranks may fit at once
         tmp.write_text(json.dumps({"w": self.w.tolist(), "b": float(self.b), "data": str(data_path)}))
         tmp.replace(cache_file)  # atomic: parallel workers never read half a file
 

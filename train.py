@@ -17,6 +17,10 @@ and `train()` near the end runs all six in order:
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
 (warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained.
 
+`torchrun --nproc-per-node N train.py ...` trains data-parallel on N GPUs: the global batch and optimizer steps of one
+process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`;
+they do nothing in a plain `python train.py` run.
+
 What we simplify or choose (the paper publishes no code or hyperparameters):
 - LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
 - KL is a loss term (the k3 estimator of Schulman, "Approximating KL Divergence", 2020, as in GRPO), not a
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from logprobs import action_logprobs, pad_batch
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
                     load_reference_copy, reference_policy, save_agents, use_agent)
@@ -107,6 +112,7 @@ class Args:
     # --- learning curves while training
     eval_every: int = 0  # every N iterations (and once before the first) greedy-evaluate a fixed subset of the eval split and log eval/* (0 = off)
     eval_prompts: int = 24  # size of that subset, taken round-robin over categories from the 'eval' split of --prompts
+    dist_timeout: int = 600  # torchrun runs: seconds a rank waits for the others at a sync point before the job stops
 
     def __post_init__(self):
         if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
@@ -238,8 +244,9 @@ def share_prefix(args) -> bool:
 @torch.no_grad()
 def score_samples(model, samples, agent, args, pad_id, device):
     """Reference (and, if asked, old-policy) log-probs for every sample (no grad), stored on the samples as tensors."""
-    for start in range(0, len(samples), args.micro_batch_size):
-        chunk = samples[start:start + args.micro_batch_size]
+    mine = distributed.share(samples)  # distributed: each rank scores its slice, then the ranks swap scores
+    for start in range(0, len(mine), args.micro_batch_size):
+        chunk = mine[start:start + args.micro_batch_size]
         batch = pad_batch(chunk, pad_id, device, share_prefix(args))
         if args.recompute_old_logprobs:
             use_agent(model, agent)
@@ -253,6 +260,7 @@ def score_samples(model, samples, agent, args, pad_id, device):
             n = len(s.action_ids)
             s.old_logprobs, s.ref_logprobs = old[offset:offset + n].float(), ref[offset:offset + n].float()
             offset += n
+    distributed.exchange_scores(samples)
 
 
 def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) -> dict:
@@ -269,8 +277,9 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             mb_tokens = sum(len(s.action_ids) for s in minibatch)
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
-            for mc_start in range(0, len(minibatch), args.micro_batch_size):
-                micro = minibatch[mc_start:mc_start + args.micro_batch_size]
+            mine = distributed.share(minibatch)  # distributed: this rank's slice; mb_tokens above stays global
+            for mc_start in range(0, len(mine), args.micro_batch_size):
+                micro = mine[mc_start:mc_start + args.micro_batch_size]
                 batch = pad_batch(micro, pad_id, device, share_prefix(args))
                 logprobs, entropy = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size,
                                                     with_entropy=True)
@@ -288,6 +297,7 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
                     totals[key] += stats[key]
                 totals["entropy"] += entropy.sum().item()
                 totals["tokens"] += len(logprobs)
+            finite, mb_loss = distributed.all_reduce_gradients(params, finite, mb_loss)  # distributed: sum over ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if finite else None
             if not finite or not torch.isfinite(grad_norm):
                 # A non-finite loss or gradient would poison Adam's moments for good: skip this step and say so.
@@ -299,6 +309,7 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             totals["loss"] += mb_loss
             totals["grad_norm"] += grad_norm.item()
             totals["steps"] += 1
+    distributed.sum_over_ranks(totals, ("kl", "clipped", "policy_loss", "entropy", "tokens"))  # distributed: log
     tokens, steps = max(totals["tokens"], 1), max(totals["steps"], 1)
     return {"kl": totals["kl"] / tokens, "clip_frac": totals["clipped"] / tokens, "entropy": totals["entropy"] / tokens,
             "policy_loss": totals["policy_loss"] / tokens, "loss": totals["loss"] / steps,
@@ -310,6 +321,8 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
 # Checkpoints: written atomically (temp folder + rename) so that Ctrl-C or a crash never leaves a broken one
 # ---------------------------------------------------------------------------------------------------------------------
 def save_checkpoint(model, optimizers, iteration, args, rng, folder):
+    if not distributed.is_main():  # distributed: the ranks hold identical state; rank 0 writes it
+        return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -370,6 +383,7 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     from data import load_prompts
     from judge import load_judge
 
+    distributed.init(args.dist_timeout)  # distributed: joins the ranks under torchrun, else does nothing
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -414,9 +428,10 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
         rollout_config.max_rounds = 0
     stage1_iterations = 0 if args.single_agent else args.stage1_iterations
     log_path = out / "log.jsonl"
-    if not args.resume:
-        log_path.unlink(missing_ok=True)
-    (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if distributed.is_main():  # distributed: rank 0 alone writes files
+        if not args.resume:
+            log_path.unlink(missing_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     # 0. (departure) supervised warm-start of the feedback agent; afterwards it is the feedback agent's KL anchor
     if args.warmstart_epochs > 0 and not args.single_agent:
@@ -429,18 +444,23 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                                               args.warmstart_epochs, args.warmstart_lr, args.micro_batch_size,
                                               args.seed, args.logprob_chunk_size, share_prefix(args),
                                               args.warmstart_label_weight)
-            save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")
+            if distributed.is_main():  # distributed: every rank warm-started the same way; rank 0 writes
+                save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")
+        distributed.barrier("the warm-start save")  # distributed: the others read warm_dir below
         if not (warm_dir / "feedback" / "adapter_config.json").exists():
             raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
                              f"is missing")
         load_reference_copy(model, "feedback", warm_dir)
     total = stage1_iterations + args.stage2_iterations
+    distributed.broadcast_adapters(model)  # distributed: every rank starts from rank 0's adapters
     if args.eval_every > 0 and not args.resume:  # the starting point of the learning curves
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"iteration": 0, "stage": 0, **learning_curve_eval(
-                model, tokenizer, judge, eval_prompts, rollout_config, args)}) + "\n")
+        # distributed: every rank runs the same greedy eval (identical results, ranks stay in step); rank 0 writes it
+        eval_record = learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args)
+        if distributed.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"iteration": 0, "stage": 0, **eval_record}) + "\n")
 
     iteration, history = start, []
     bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")
@@ -457,13 +477,17 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             began = time.perf_counter()
             batch_prompts = rng.sample(prompts, min(args.prompts_per_iteration, len(prompts)))
             batch_prompts = [p for p in batch_prompts for _ in range(args.samples_per_prompt)]
-            trajectories = rollout(model, tokenizer, batch_prompts, rollout_config)
+            distributed.seed_sampling(args.seed, iteration)  # distributed: each rank its own sampling noise
+            with distributed.stop_all_on_error("the rollout"):  # distributed: rolls out this rank's slice
+                trajectories = rollout(model, tokenizer, distributed.share(batch_prompts), rollout_config)
             rollout_seconds = time.perf_counter() - began
             generated = sum(len(t.action_ids) for tr in trajectories for t in tr.answers + tr.feedbacks)
 
             # 2. judge, 3. rewards
             began = time.perf_counter()
-            judge_trajectories(judge, trajectories)
+            with distributed.stop_all_on_error("judging"):  # distributed: judges this rank's slice
+                judge_trajectories(judge, trajectories)
+            trajectories = distributed.gather(trajectories)  # distributed: from here on, the whole batch on every rank
             judge_seconds = time.perf_counter() - began
             rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]
 
@@ -492,8 +516,9 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                 record.update({f"{agent}/{k}": v for k, v in stats.items()})
             if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == total):
                 record.update(learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args))
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if distributed.is_main():  # distributed: rank 0 writes the log
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             history.append(record)
             bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
                             f"{record['conversation_reward_after']:.2f}", Rf=f"{record['feedback_reward']:.2f}",
@@ -504,7 +529,8 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(model, optimizers, iteration, args, rng, checkpoint)
-        print(f"\nInterrupted at iteration {iteration}: checkpoint saved to {checkpoint}; continue with --resume")
+        if distributed.is_main():  # distributed: rank 0 prints
+            print(f"\nInterrupted at iteration {iteration}: checkpoint saved to {checkpoint}; continue with --resume")
         raise SystemExit(130)
     except torch.OutOfMemoryError:
         bar.close()
@@ -513,7 +539,8 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                          "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
     bar.close()
     save_checkpoint(model, optimizers, total, args, rng, checkpoint)
-    save_agents(model, out / "adapters")
+    if distributed.is_main():  # distributed: rank 0 writes the adapters
+        save_agents(model, out / "adapters")
     return {"history": history, "adapters": str(out / "adapters"), "log": str(log_path), "model": model}
 
 
@@ -549,4 +576,7 @@ def print_summary(summary: dict) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print_summary(train(parse_args()))
+    summary = train(parse_args())
+    if distributed.is_main():  # distributed: rank 0 prints
+        print_summary(summary)
+    distributed.finish()
