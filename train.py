@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from logprobs import action_logprobs, pad_batch
-from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
-                    load_reference_copy, reference_policy, save_agents, use_agent)
+from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, enable_activation_checkpointing,
+                    load_agents, load_base, load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import conversation_reward
 from rollout import RolloutConfig, judge_trajectories, rollout, trajectory_rewards
 
@@ -97,8 +97,9 @@ class Args:
     lora_rank: int = 16  # LoRA rank r of each adapter
     lora_alpha: int = 32  # LoRA scaling alpha
     load_in_4bit: str = "auto"  # 'auto' (on iff CUDA), 'yes', 'no': NF4 base weights via bitsandbytes (QLoRA)
+    dtype: str = "auto"  # compute dtype: 'auto' (bf16 on a CUDA GPU that has it, else fp32), 'bf16', 'fp32'
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
-    recompute_old_logprobs: bool = False  # recompute pi_old with a training forward instead of using sampling log-probs
+    recompute_old_logprobs: bool | None = None  # pi_old by a training forward (default: on iff bf16 or 4-bit)
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
     save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
@@ -126,7 +127,7 @@ def parse_args(argv=None) -> Args:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, bool | None):
             parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=comments[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
@@ -263,7 +264,7 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
                                                     with_entropy=True)
                 old = torch.cat([s.old_logprobs for s in micro]).to(device)
                 ref = torch.cat([s.ref_logprobs for s in micro]).to(device)
-                adv = torch.cat([torch.full((len(s.action_ids),), s.advantage) for s in micro]).to(device)
+                adv = torch.cat([torch.full((len(s.action_ids),), s.advantage, device=device) for s in micro])
                 loss_sum, stats = ppo_loss(logprobs, old, ref, adv, args.clip_eps, args.kl_coef)
                 loss = loss_sum / mb_tokens  # token-mean over the whole minibatch
                 if not torch.isfinite(loss):
@@ -361,14 +362,15 @@ def train(args: Args, judge=None, prompts=None) -> dict:
         raise SystemExit(f"no prompts in {args.prompts} (split {args.split})")
     judge = judge if judge is not None else load_judge(args.judge)
     four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
-    base, tokenizer = load_base(args.model, load_in_4bit=four_bit)
+    base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
+    if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
+        args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
     if args.resume:
         model = load_agents(base, checkpoint, trainable=True)
     else:
         model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
     if args.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        enable_activation_checkpointing(base)
     device = next(model.parameters()).device
     optimizers = {
         "feedback": torch.optim.AdamW(adapter_parameters(model, "feedback"), lr=args.feedback_lr, weight_decay=0.0),

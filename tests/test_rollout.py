@@ -229,23 +229,27 @@ def test_at_most_t_max_feedback_rounds(agents, monkeypatch):
 
 class ScriptedLM(torch.nn.Module):
     """Stands in for the PeftModel inside sample(): each agent emits a fixed token script, whatever it reads.
-    The 'KV cache' is just the step counter, so the script position follows the decoding loop exactly."""
+    The step counter lives on the KV cache object sample() passes to every step, so the script position follows the
+    decoding loop exactly."""
 
     def __init__(self, tokenizer, scripts):
         super().__init__()
+        from transformers import LlamaConfig
+
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # sample() reads the device from the parameters
+        self.config = LlamaConfig(num_hidden_layers=1)  # sample() builds its KV cache from the config
         self.generation_config = SimpleNamespace(eos_token_id=None)
         self.scripts, self.vocab, self.agent = scripts, len(tokenizer), "conversation"
 
     def set_adapter(self, name):
         self.agent = name
 
-    def forward(self, input_ids, past_key_values=None, **_):
-        step = past_key_values or 0
+    def forward(self, input_ids, cache, **_):
+        step = cache.scripted_steps = getattr(cache, "scripted_steps", -1) + 1
         script = self.scripts[self.agent]
         logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
         logits[:, :, script[min(step, len(script) - 1)]] = 50.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        return SimpleNamespace(logits=logits)
 
 
 def scripted_model(tokenizer, feedback_json_rest):
