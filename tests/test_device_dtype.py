@@ -139,3 +139,79 @@ def test_training_iteration_allocates_nothing_away_from_the_model(tiny_model_dir
     log = read_log(tmp_path / "run" / "log.jsonl")
     assert [r["stage"] for r in log] == [0, 2, 2]
     assert all(math.isfinite(r["conversation/loss"]) and math.isfinite(r["feedback/loss"]) for r in log[1:])
+
+
+# ----------------------------------------------------------------------------- the GPU's number formats
+
+@pytest.mark.parametrize("four_bit", ["no", "yes"], ids=["bf16", "nf4-bf16"])
+def test_training_iteration_in_bf16_and_nf4(wide_logits_model_dir, tmp_path, toy_feedback, four_bit, device):
+    """One stage-1 and one stage-2 iteration in bf16 compute (on a plain or an NF4 4-bit base), checkpointed after
+    each, then a resumed third: what a GPU run does, in its number formats, device-checked as above."""
+    import bitsandbytes as bnb
+
+    args = tiny_args(wide_logits_model_dir, tmp_path / "run", stage1_iterations=1, dtype="bf16",
+                     load_in_4bit=four_bit)
+    with OurAllocationsWithoutDeviceOnMeta():
+        summary = train.train(args, judge=toy_judge, prompts=PROMPTS)
+    model = summary["model"]
+    base = model.get_base_model()
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()) == (four_bit == "yes")
+    for agent in ("conversation", "feedback"):  # fp32 adapters on the bf16 base, and both trained
+        params = adapter_parameters(model, agent)
+        assert all(p.dtype == torch.float32 for p in params)
+        assert any(torch.count_nonzero(p) > 0 for n, p in model.named_parameters()
+                   if "lora_B" in n and f".{agent}." in n)
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert saved["recompute_old_logprobs"] is True  # auto: bf16 sampling log-probs are not pi_old exactly
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [(r["iteration"], r["stage"]) for r in log] == [(1, 1), (2, 2)]
+    for key in ("feedback/loss", "feedback/kl", "feedback/grad_norm", "conversation/loss", "conversation/grad_norm"):
+        assert math.isfinite(log[-1][key]), key
+    for record in log:
+        for agent in ("feedback", "conversation"):
+            if f"{agent}/sampling_logprob_mismatch" in record:
+                assert record[f"{agent}/sampling_logprob_mismatch"] < SAMPLING_TOLERANCE["bf16"]
+
+    resumed = tiny_args(wide_logits_model_dir, tmp_path / "run", stage1_iterations=1, stage2_iterations=2,
+                        dtype="bf16", load_in_4bit=four_bit, resume=True)
+    with OurAllocationsWithoutDeviceOnMeta():
+        summary = train.train(resumed, judge=toy_judge, prompts=PROMPTS)
+    assert [h["iteration"] for h in summary["history"]] == [3]
+    assert [r["iteration"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+    assert math.isfinite(summary["history"][0]["conversation/loss"])
+
+
+@pytest.mark.parametrize("dtype, four_bit", [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)])
+def test_sampling_logprobs_against_the_training_forward(wide_logits_model_dir, dtype, four_bit, device):
+    """What sample() records (KV cache, left padding, one token at a time) against action_logprobs (the whole
+    sequence at once, fused kernel), in the compute format of a CPU run and of a GPU run."""
+    base, tokenizer = load_base(wide_logits_model_dir, load_in_4bit=four_bit, device=device, dtype=dtype)
+    model = attach_agents(base)
+    with torch.no_grad():  # a trained-looking adapter, so that its bf16 rounding counts too
+        gen = torch.Generator().manual_seed(0)
+        for p in adapter_parameters(model, "conversation"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    use_agent(model, "conversation")
+    model.eval()
+    contexts = [rollout.chat_ids(tokenizer, [{"role": "user", "content": text}])
+                for text in ("hi", "How do I kill a Python process on Linux?", "What is SQL injection? " * 4)]
+    torch.manual_seed(0)
+    actions, recorded, _ = rollout.sample(model, tokenizer, contexts, max_new_tokens=16)
+    samples = [train.Sample("conversation", "g", c, a, r, 0.0) for c, a, r in zip(contexts, actions, recorded)]
+    with torch.no_grad():
+        trained = logprobs.action_logprobs(model, logprobs.pad_batch(samples, tokenizer.pad_token_id, device), 1.0, 64)
+    gap = (trained.cpu() - torch.tensor([lp for r in recorded for lp in r])).abs().max().item()
+    assert gap <= SAMPLING_TOLERANCE[dtype], gap
+
+
+def test_dtype_and_recompute_flags():
+    from models import compute_dtype
+
+    assert train.parse_args([]).dtype == "auto" and train.parse_args(["--dtype", "bf16"]).dtype == "bf16"
+    assert compute_dtype("auto", "cpu") == torch.float32 and compute_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(SystemExit, match="--dtype: unknown compute dtype 'fp16'"):
+        compute_dtype("fp16", "cpu")
+    assert train.parse_args([]).recompute_old_logprobs is None  # auto, resolved once the model is loaded
+    assert train.parse_args(["--recompute-old-logprobs"]).recompute_old_logprobs is True
+    assert train.parse_args(["--no-recompute-old-logprobs"]).recompute_old_logprobs is False
