@@ -28,25 +28,27 @@ def record(prompt, i=0, label="benign"):
 
 
 @pytest.fixture(scope="module")
-def agents(tiny_model_dir):
-    """Tiny agents whose adapters differ from each other and from the base model (LoRA B perturbed)."""
-    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+def agents(tiny_model_dir, device):
+    """Tiny agents whose adapters differ from each other and from the base model (LoRA B perturbed), on the test
+    device (a GPU under bench/gpu_check.py)."""
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device=device)
     model = attach_agents(base)
     with torch.no_grad():
         for seed, agent in enumerate(("conversation", "feedback"), start=1):
             gen = torch.Generator().manual_seed(seed)
             for name, param in model.named_parameters():
                 if f".{agent}." in name and "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+                    param.copy_(torch.randn(param.shape, generator=gen).to(param.device) * 0.05)
     return model, tokenizer
 
 
 def fresh_logprobs(model, agent, turn, temperature):
-    """Naive reference: one unpadded forward over context + action with `agent` active."""
+    """Naive reference: one unpadded forward over context + action with `agent` active (returned on the CPU)."""
     use_agent(model, agent)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([turn.context_ids + turn.action_ids])).logits[0].float()
-    logits = logits[len(turn.context_ids) - 1:-1]
+        logits = model(input_ids=torch.tensor([turn.context_ids + turn.action_ids], device=device)).logits[0].float()
+    logits = logits[len(turn.context_ids) - 1:-1].cpu()
     if temperature > 0:
         logits = logits / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(turn.action_ids)[:, None]).squeeze(-1)
@@ -122,7 +124,7 @@ def test_greedy_batched_equals_unbatched_and_generate(agents):
     for context, actions in zip(contexts, batched):
         alone, _, _ = rollout.sample(model, tokenizer, [context], max_new_tokens=10, temperature=0)
         assert actions == alone[0]
-        ids = torch.tensor([context])
+        ids = torch.tensor([context], device=next(model.parameters()).device)
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert actions == generated[0, len(context):].tolist()
