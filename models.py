@@ -158,9 +158,9 @@ def cache_keyword(model) -> str:
 def enable_activation_checkpointing(base) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them (--gradient-checkpointing).
 
-    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name warns); we
-    support versions on both sides. Non-reentrant checkpointing lets the gradient reach LoRA weights inside a layer
-    whose input needs no grad, and enable_input_require_grads covers the reentrant case of older code paths."""
+    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name now warns);
+    we support versions on both sides of the rename. enable_input_require_grads makes the (frozen) embeddings' output
+    require grad, so that every checkpointed layer has an input in the autograd graph."""
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -100,7 +100,7 @@ class Args:
     load_in_4bit: str = "auto"  # 'auto' (on iff CUDA), 'yes', 'no': NF4 base weights via bitsandbytes (QLoRA)
     dtype: str = "auto"  # compute dtype: 'auto' (bf16 on a CUDA GPU that has it, else fp32), 'bf16', 'fp32'
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
-    recompute_old_logprobs: bool | None = None  # pi_old by a training forward (default: on iff bf16 or 4-bit)
+    recompute_old_logprobs: bool | None = None  # pi_old by a training forward, not from sampling (None: iff bf16/4-bit)
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
     save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
@@ -129,7 +129,8 @@ def parse_args(argv=None) -> Args:
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool, bool | None):
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=comments[f.name])
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=comments[f.name].replace("%", "%%"))  # argparse %-formats help
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=comments[f.name])

@@ -205,7 +205,7 @@ def test_sampling_logprobs_against_the_training_forward(wide_logits_model_dir, d
     assert gap <= SAMPLING_TOLERANCE[dtype], gap
 
 
-def test_dtype_and_recompute_flags():
+def test_dtype_and_recompute_flags(capsys):
     from models import compute_dtype
 
     assert train.parse_args([]).dtype == "auto" and train.parse_args(["--dtype", "bf16"]).dtype == "bf16"
@@ -215,3 +215,8 @@ def test_dtype_and_recompute_flags():
     assert train.parse_args([]).recompute_old_logprobs is None  # auto, resolved once the model is loaded
     assert train.parse_args(["--recompute-old-logprobs"]).recompute_old_logprobs is True
     assert train.parse_args(["--no-recompute-old-logprobs"]).recompute_old_logprobs is False
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--dtype DTYPE" in help_text and "--no-recompute-old-logprobs" in help_text
+    assert "~30% slower" in help_text and "option_strings" not in help_text  # a bare % used to garble the help
