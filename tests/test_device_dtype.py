@@ -217,6 +217,6 @@ def test_dtype_and_recompute_flags(capsys):
     assert train.parse_args(["--no-recompute-old-logprobs"]).recompute_old_logprobs is False
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    help_text = capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--dtype DTYPE" in help_text and "--no-recompute-old-logprobs" in help_text
     assert "~30% slower" in help_text and "option_strings" not in help_text  # a bare % used to garble the help
