@@ -212,6 +212,7 @@ def run_tests(smoke: bool, timeout: int = 300) -> bool:
     env = {**os.environ, "NANOWALTZ_TEST_DEVICE": "cpu" if smoke else "cuda"}
     print(f"(a) {'collecting' if smoke else 'running'} the device-aware tests: NANOWALTZ_TEST_DEVICE="
           f"{env['NANOWALTZ_TEST_DEVICE']} {' '.join(command[1:])}", flush=True)
+    began = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -219,7 +220,8 @@ def run_tests(smoke: bool, timeout: int = 300) -> bool:
         return False
     lines = (result.stdout + result.stderr).strip().splitlines()
     print("\n".join("    " + line for line in lines[-25:]))
-    print(f"(a) {'passed' if result.returncode == 0 else 'FAILED (exit code %d)' % result.returncode}")
+    verdict = "passed" if result.returncode == 0 else f"FAILED (exit code {result.returncode})"
+    print(f"(a) {verdict} in {time.perf_counter() - began:.0f} s", flush=True)
     return result.returncode == 0
 
 
