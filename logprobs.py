@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models import cache_keyword
+
 
 def naive_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
     """Reference: log_softmax(hidden @ weight.T / T) gathered at the targets (materialises all logits)."""
@@ -79,19 +81,21 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         acc_dtype = _compute_dtype(hidden.dtype)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        target_logits = torch.empty(n_tokens, dtype=acc_dtype)
-        lse = torch.empty(n_tokens, dtype=acc_dtype)
-        entropy = torch.empty(n_tokens if want_entropy else 0, dtype=acc_dtype)
+        # Every buffer is made on the inputs' device: a bare torch.empty would land on the default device (the CPU).
+        on = dict(dtype=acc_dtype, device=hidden.device)
+        target_logits = torch.empty(n_tokens, **on)
+        lse = torch.empty(n_tokens, **on)
+        entropy = torch.empty(n_tokens if want_entropy else 0, **on)
         # The frozen-weight shortcut: accumulate E_p[W] per token so backward needs no recompute.
         grad_in_forward = hidden_grad_in_forward and needs_hidden_grad and not needs_weight_grad
         hidden_grad = torch.empty_like(hidden) if grad_in_forward else None
 
         for start in range(0, n_tokens, chunk_size):
             h, y = hidden[start:start + chunk_size], safe_targets[start:start + chunk_size]
-            run_target = torch.empty(h.shape[0], dtype=acc_dtype)
-            run_lse = torch.full((h.shape[0],), float("-inf"), dtype=acc_dtype)
-            run_plogp = torch.zeros(h.shape[0], dtype=acc_dtype)  # sum_v p_v log p_v, p normalised by run_lse
-            run_pw = torch.zeros(h.shape[0], h.shape[1], dtype=acc_dtype) if grad_in_forward else None
+            run_target = torch.empty(h.shape[0], **on)
+            run_lse = torch.full((h.shape[0],), float("-inf"), **on)
+            run_plogp = torch.zeros(h.shape[0], **on)  # sum_v p_v log p_v, p normalised by run_lse
+            run_pw = torch.zeros(h.shape[0], h.shape[1], **on) if grad_in_forward else None
             for v0 in range(0, vocab, vocab_chunk_size):
                 w = weight[v0:v0 + vocab_chunk_size]
                 logits = _logits_block(h, w, temperature)
@@ -153,7 +157,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         g = torch.where(valid, grad_logprobs.to(acc_dtype), torch.zeros_like(lse)) / temperature
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Only a trainable weight gets a [vocab, hidden] buffer (fp32, so bf16 sums over chunks stay exact).
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype) if want_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_weight else None
 
         for start in range(0, hidden.shape[0], chunk_size):
             h, g_c, lse_c = (x[start:start + chunk_size] for x in (hidden, g, lse))
@@ -258,16 +262,15 @@ def pad_batch(samples, pad_id, device, share_prefix: bool = False) -> Batch:
     """Right-padded [context + action] ids and masks; with share_prefix the common context prefix is split off."""
     prefix = shared_prefix_length(samples) if share_prefix else 0
     rows = [s.context_ids[prefix:] + s.action_ids for s in samples]
-    lengths = [len(r) for r in rows]
-    input_ids = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
-    action_mask = torch.zeros((len(samples), max(lengths)), dtype=torch.bool)
-    for row, (s, ids) in enumerate(zip(samples, rows)):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        action_mask[row, len(s.context_ids) - prefix:len(ids)] = True
-    attention_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-    attention_mask = torch.cat([torch.ones((len(samples), prefix), dtype=torch.long), attention_mask], dim=1)
-    return Batch(torch.tensor(samples[0].context_ids[:prefix], dtype=torch.long).to(device), input_ids.to(device),
-                 attention_mask.to(device), action_mask.to(device))
+    width = max(len(r) for r in rows)
+    # Padded in Python and made directly on `device`: one copy per tensor, nothing left on the default device.
+    input_ids = [r + [pad_id] * (width - len(r)) for r in rows]
+    action_mask = [[len(s.context_ids) - prefix <= i < len(r) for i in range(width)] for s, r in zip(samples, rows)]
+    attention_mask = [[1] * (prefix + len(r)) + [0] * (width - len(r)) for r in rows]
+    return Batch(torch.tensor(samples[0].context_ids[:prefix], dtype=torch.long, device=device),
+                 torch.tensor(input_ids, dtype=torch.long, device=device),
+                 torch.tensor(attention_mask, dtype=torch.long, device=device),
+                 torch.tensor(action_mask, dtype=torch.bool, device=device))
 
 
 def action_logprobs(model, batch: Batch, temperature, chunk_size, with_entropy=False):
@@ -286,12 +289,16 @@ def action_logprobs(model, batch: Batch, temperature, chunk_size, with_entropy=F
     if prefix_length == 0:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     else:
-        cache = decoder(input_ids=batch.prefix_ids[None], use_cache=True).past_key_values
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=causal_lm.config)  # the decoder fills it in place
+        with_cache = {cache_keyword(decoder): cache}
+        decoder(input_ids=batch.prefix_ids[None], use_cache=True, **with_cache)
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         positions = torch.arange(prefix_length, prefix_length + batch.input_ids.shape[1], device=batch.input_ids.device)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, past_key_values=cache,
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=positions[None].expand(batch.input_ids.shape[0], -1),
-                         use_cache=True).last_hidden_state
+                         use_cache=True, **with_cache).last_hidden_state
     predicts_action = batch.action_mask[:, 1:]  # hidden state at position i predicts token i + 1
     action_hidden = hidden[:, :-1][predicts_action]
     targets = batch.input_ids[:, 1:][predicts_action]

@@ -95,18 +95,32 @@ def resolve_model(model: str) -> str:
     return default_model_path() if model in (DEFAULT_MODEL, "", None) else model
 
 
-def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, device: str | None = None):
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compute_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """'auto' (or None): bf16 on a CUDA GPU that has it, else fp32 (bf16 matmuls are slow on most CPUs); 'bf16'; 'fp32'.
+    bf16 on a CPU is what a GPU computes in, at CPU speed: the tests use it to check the GPU's number format."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise SystemExit(f"--dtype: unknown compute dtype '{dtype}' (known: auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, device: str | None = None,
+              dtype: str | None = None):
     """Load the base causal LM and its tokenizer once. Returns (model, tokenizer).
 
     load_in_4bit: NF4 quantisation through bitsandbytes (QLoRA, Dettmers et al. 2023); None = on iff CUDA is available.
+    dtype: the compute dtype, see compute_dtype (with 4-bit: of the de-quantised matmuls and the unquantised layers).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if load_in_4bit is None:
         load_in_4bit = device.startswith("cuda")
-    # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow on most chips.
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = compute_dtype(dtype, device)
     path = resolve_model(model)
     kwargs = {"dtype": dtype}
     if load_in_4bit:
@@ -139,6 +153,30 @@ def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, devi
     for param in base.parameters():
         param.requires_grad_(False)
     return base, tokenizer
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which `model`'s forward takes a KV cache (a transformers DynamicCache).
+
+    transformers renamed `past_key_values` to `cache` during 5.x (the old name now warns on every call and goes away
+    in 5.40); we support 5.17 and later, so we ask the forward's signature instead of guessing from the version."""
+    import inspect
+
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def enable_activation_checkpointing(base) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (--gradient-checkpointing).
+
+    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name now warns);
+    we support versions on both sides of the rename. enable_input_require_grads makes the (frozen) embeddings' output
+    require grad, so that every checkpointed layer has an input in the autograd graph."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
 
 
 def disable_bnb_cpu_repack(model) -> int:
@@ -270,8 +308,9 @@ def load_agents(base, directory, trainable: bool = True):
     return model
 
 
-def load_agents_or_fresh(model_name: str = DEFAULT_MODEL, adapters=None, load_in_4bit=None, device=None, **lora):
+def load_agents_or_fresh(model_name: str = DEFAULT_MODEL, adapters=None, load_in_4bit=None, device=None, dtype=None,
+                         **lora):
     """The usual entry point: base model + tokenizer, with saved adapters if given, else fresh (untrained) ones."""
-    base, tokenizer = load_base(model_name, load_in_4bit=load_in_4bit, device=device)
+    base, tokenizer = load_base(model_name, load_in_4bit=load_in_4bit, device=device, dtype=dtype)
     model = load_agents(base, adapters) if adapters else attach_agents(base, **lora)
     return model, tokenizer

@@ -57,7 +57,8 @@ def plot_training_log(log_path, png_path=None) -> str:
             ax.axvline(stage2 - 0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(f"WaltzRL training: {log_path}")
     fig.tight_layout()

@@ -124,6 +124,10 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
     Left padding puts every context's last token in the same column, so one forward step extends all sequences;
     position ids are counted from each sequence's first real token so padding does not shift positions.
     """
+    from transformers import DynamicCache
+
+    from models import cache_keyword
+
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     stops = stop_token_ids(model, tokenizer)
@@ -139,8 +143,9 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
     logprobs = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     labels_decided = [False] * batch  # early stop: the two labels have been read for this row
+    with_cache = {cache_keyword(model): DynamicCache(config=model.config)}  # every step extends it in place
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=1, **with_cache)
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature > 0:
@@ -176,7 +181,7 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, logits_to_keep=1, **with_cache)
     truncated = [not done[row].item() for row in range(batch)]
     # An early-stopped feedback turn counts as finished, not truncated.
     return actions, logprobs, truncated

@@ -28,11 +28,12 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
   the KL outside the reward every token of a sample shares one advantage, which keeps the advantage normalisation
   "over the whole batch" exactly what it says, and the KL strength stays independent of reward scale.
 - Losses average over all action tokens of a minibatch (token-mean), as in DAPO / OpenRLHF's default.
-- Old-policy log-probs are, by default, the log-probs recorded while sampling (rollout.py computes them from the
-  same tempered distribution; they match a training forward to ~1e-6 in fp32). That saves one forward pass per
-  sample, a third of the update's cost on a CPU. --recompute-old-logprobs recomputes them with a training forward
-  (as OpenRLHF does), which is safer where sampling and training numerics differ (bf16 / 4-bit on a GPU); the
-  mismatch is then logged.
+- Old-policy log-probs in fp32 (a CPU run) are the log-probs recorded while sampling (rollout.py computes them from
+  the same tempered distribution; they match a training forward to ~1e-5). That saves one forward pass per sample,
+  a third of the update's cost on a CPU. In bf16 or on a 4-bit base (a GPU run) decoding one token at a time rounds
+  differently from the training forward (up to 0.03 nats per token on the tiny test model), so there they are
+  recomputed with a training forward by default (as OpenRLHF does) and the mismatch is logged;
+  --recompute-old-logprobs / --no-recompute-old-logprobs force either choice.
 - No value network, no GAE: REINFORCE++ is critic-free.
 - Shared-prefix forward (engineering, same numbers): the system prompt common to a micro-batch runs once and its
   keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
@@ -51,8 +52,8 @@ import torch
 
 import distributed
 from logprobs import action_logprobs, pad_batch
-from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, load_agents, load_base,
-                    load_reference_copy, reference_policy, save_agents, use_agent)
+from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, enable_activation_checkpointing,
+                    load_agents, load_base, load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
 from rollout import RolloutConfig, judge_trajectories, rollout
 
@@ -104,8 +105,9 @@ class Args:
     lora_rank: int = 16  # LoRA rank r of each adapter
     lora_alpha: int = 32  # LoRA scaling alpha
     load_in_4bit: str = "auto"  # 'auto' (on iff CUDA), 'yes', 'no': NF4 base weights via bitsandbytes (QLoRA)
+    dtype: str = "auto"  # compute dtype: 'auto' (bf16 on a CUDA GPU that has it, else fp32), 'bf16', 'fp32'
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
-    recompute_old_logprobs: bool = False  # recompute pi_old with a training forward instead of using sampling log-probs
+    recompute_old_logprobs: bool | None = None  # pi_old by a training forward, not from sampling (None: iff bf16/4-bit)
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
     save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
@@ -137,8 +139,9 @@ def parse_args(argv=None) -> Args:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=comments[f.name])
+        if f.type in ("bool", bool, bool | None):
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=comments[f.name].replace("%", "%%"))  # argparse %-formats help
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(flag, type=kind, default=f.default, help=comments[f.name])
@@ -285,7 +288,7 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
                                                     with_entropy=True)
                 old = torch.cat([s.old_logprobs for s in micro]).to(device)
                 ref = torch.cat([s.ref_logprobs for s in micro]).to(device)
-                adv = torch.cat([torch.full((len(s.action_ids),), s.advantage) for s in micro]).to(device)
+                adv = torch.cat([torch.full((len(s.action_ids),), s.advantage, device=device) for s in micro])
                 loss_sum, stats = ppo_loss(logprobs, old, ref, adv, args.clip_eps, args.kl_coef)
                 loss = loss_sum / mb_tokens  # token-mean over the whole minibatch
                 if not torch.isfinite(loss):
@@ -404,14 +407,15 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
     judge = judge if judge is not None else load_judge(args.judge)
     four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
-    base, tokenizer = load_base(args.model, load_in_4bit=four_bit)
+    base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
+    if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
+        args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
     if args.resume:
         model = load_agents(base, checkpoint, trainable=True)
     else:
         model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
     if args.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
+        enable_activation_checkpointing(base)
     device = next(model.parameters()).device
     optimizers = {
         "feedback": torch.optim.AdamW(adapter_parameters(model, "feedback"), lr=args.feedback_lr, weight_decay=0.0),
@@ -504,9 +508,10 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                 agent_stats[agent] = update_agent(model, optimizers[agent], agent, agent_samples, args,
                                                   tokenizer.pad_token_id, device, rng)
                 if args.recompute_old_logprobs:  # how far sampling numerics are from the training forward
-                    agent_stats[agent]["sampling_logprob_mismatch"] = max(
-                        max(abs(a - b) for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist()))
-                        for s in agent_samples)
+                    gaps = [abs(a - b) for s in agent_samples
+                            for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist())]
+                    agent_stats[agent]["sampling_logprob_mismatch"] = max(gaps)
+                    agent_stats[agent]["sampling_logprob_mismatch_mean"] = sum(gaps) / len(gaps)
             update_seconds = time.perf_counter() - began
 
             record = {"iteration": iteration + 1, "stage": stage, "lam": lam, **batch_metrics(trajectories, rewards),

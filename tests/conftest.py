@@ -3,7 +3,10 @@
 Every test that needs "a model" uses this instead of real weights: it exercises the same loading, LoRA, generation
 and training code as the default SmolLM2-135M-Instruct, just with random weights.
 """
+import logging
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a test wait ~50 s on a hub that is not there
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -14,6 +17,62 @@ import torch
 
 # The tiny test models are dominated by per-op overhead: one thread is faster, and far faster on a busy machine.
 torch.set_num_threads(1)
+
+# Where the device-aware tests put the model and the tensors: "cpu" in CI; bench/gpu_check.py runs them with "cuda".
+TEST_DEVICE = os.environ.get("NANOWALTZ_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def device():
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"NANOWALTZ_TEST_DEVICE={TEST_DEVICE} but torch sees no CUDA device")
+    return TEST_DEVICE
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class OurAllocationsWithoutDeviceOnMeta(torch.overrides.TorchFunctionMode):
+    """Inside this mode, a tensor that the PROJECT's code makes without naming a device lands on the meta device.
+
+    On a GPU such a tensor lands on the CPU while the model sits on the GPU, and the first op that mixes the two
+    fails; on a CPU-only machine both are the CPU and nothing fails. Meta plays the GPU's "somewhere else" here: any
+    op mixing it with the real (CPU) tensors raises "... on device meta is not on the expected device cpu", and
+    .item()/.tolist() on it raise too. Library code keeps the normal default device (unlike torch.set_default_device,
+    which would also move torch's and transformers' deliberate CPU-side tensors). A tensor kept on the CPU on
+    purpose must say device="cpu"."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._device import _device_constructors
+
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+            # Our modules sit at the top level and in bench/ (a .venv inside the checkout is not ours).
+            if caller.parent in (PROJECT_ROOT, PROJECT_ROOT / "bench"):
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+class _DeprecationLogRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        if "deprecat" in record.getMessage().lower():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_deprecation_logged_by_transformers():
+    """transformers reports some deprecations (e.g. reading `output.past_key_values`) through its logger, not through
+    warnings, so pyproject's filterwarnings cannot see them: fail the test that triggers one."""
+    recorder, logger = _DeprecationLogRecorder(), logging.getLogger("transformers")
+    logger.addHandler(recorder)
+    yield
+    logger.removeHandler(recorder)
+    assert not recorder.messages, f"transformers logged a deprecation: {recorder.messages}"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

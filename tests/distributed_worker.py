@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import distributed  # noqa: E402
 import train  # noqa: E402
-from judge import DefaultJudge, PhraseDetector  # noqa: E402
+from judge import DefaultJudge  # noqa: E402
+from refusal import PhraseDetector  # noqa: E402
 from models import load_agents, load_base  # noqa: E402
 
 torch.set_num_threads(1)

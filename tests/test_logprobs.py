@@ -2,6 +2,7 @@
 
 Sizes are deliberately odd (37 tokens, vocab 1001, chunks of 16 tokens and 100 vocabulary entries) so
 that no chunk divides evenly and the online-logsumexp carry between vocabulary blocks is exercised.
+Tests that take the `device` fixture run on a GPU under bench/gpu_check.py (NANOWALTZ_TEST_DEVICE=cuda).
 """
 import pytest
 import torch
@@ -14,20 +15,20 @@ CHUNKS = dict(chunk_size=16, vocab_chunk_size=100)
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def make_inputs(dtype=torch.float32, seed=0, shape=(N_TOKENS,)):
+def make_inputs(dtype=torch.float32, seed=0, shape=(N_TOKENS,), device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, HIDDEN, generator=gen, dtype=dtype)
     weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=dtype) / HIDDEN ** 0.5 * 3
     targets = torch.randint(0, VOCAB, shape, generator=gen)
     grad_out = torch.randn(shape, generator=gen)  # per-token weights, like advantages in the PPO loss
-    return hidden, weight, targets, grad_out
+    return tuple(t.to(device) for t in (hidden, weight, targets, grad_out))
 
 
-def fused_and_naive(weight_trainable, temperature, hidden_grad_in_forward=True, shape=(N_TOKENS,)):
+def fused_and_naive(weight_trainable, temperature, hidden_grad_in_forward=True, shape=(N_TOKENS,), device="cpu"):
     """Values and gradients of sum(grad_out * logp) from both implementations."""
     results = []
     for fn in ("fused", "naive"):
-        hidden, weight, targets, grad_out = make_inputs(shape=shape)
+        hidden, weight, targets, grad_out = make_inputs(shape=shape, device=device)
         hidden.requires_grad_(True)
         weight.requires_grad_(weight_trainable)
         if fn == "fused":
@@ -42,8 +43,9 @@ def fused_and_naive(weight_trainable, temperature, hidden_grad_in_forward=True, 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("hidden_grad_in_forward", [True, False])
-def test_frozen_weight_matches_naive(temperature, hidden_grad_in_forward):
-    (logp, grad_h, grad_w), (ref_logp, ref_grad_h, _) = fused_and_naive(False, temperature, hidden_grad_in_forward)
+def test_frozen_weight_matches_naive(temperature, hidden_grad_in_forward, device):
+    (logp, grad_h, grad_w), (ref_logp, ref_grad_h, _) = fused_and_naive(False, temperature, hidden_grad_in_forward,
+                                                                        device=device)
     assert logp.dtype == torch.float32 and logp.shape == (N_TOKENS,)
     torch.testing.assert_close(logp, ref_logp, **FP32_TOL)
     torch.testing.assert_close(grad_h, ref_grad_h, **FP32_TOL)
@@ -51,8 +53,8 @@ def test_frozen_weight_matches_naive(temperature, hidden_grad_in_forward):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
-def test_trainable_weight_matches_naive(temperature):
-    (logp, grad_h, grad_w), (ref_logp, ref_grad_h, ref_grad_w) = fused_and_naive(True, temperature)
+def test_trainable_weight_matches_naive(temperature, device):
+    (logp, grad_h, grad_w), (ref_logp, ref_grad_h, ref_grad_w) = fused_and_naive(True, temperature, device=device)
     torch.testing.assert_close(logp, ref_logp, **FP32_TOL)
     torch.testing.assert_close(grad_h, ref_grad_h, **FP32_TOL)
     torch.testing.assert_close(grad_w, ref_grad_w, **FP32_TOL)
@@ -66,9 +68,9 @@ def test_batched_3d_input_keeps_leading_dims():
 
 
 @pytest.mark.parametrize("weight_trainable", [False, True])
-def test_ignore_index_gives_zero_logprob_and_zero_grad(weight_trainable):
-    hidden, weight, targets, grad_out = make_inputs()
-    masked = torch.zeros(N_TOKENS, dtype=torch.bool)
+def test_ignore_index_gives_zero_logprob_and_zero_grad(weight_trainable, device):
+    hidden, weight, targets, grad_out = make_inputs(device=device)
+    masked = torch.zeros(N_TOKENS, dtype=torch.bool, device=device)
     masked[[0, 5, 16, 36]] = True  # includes chunk boundaries
     targets_with_ignore = targets.masked_fill(masked, -100)
     hidden.requires_grad_(True)
@@ -122,8 +124,8 @@ def test_frozen_weight_allocates_nothing_vocab_by_hidden(hidden_grad_in_forward)
     assert (VOCAB, HIDDEN) in trainable_shapes
 
 
-def test_entropy_matches_float64_entropy():
-    hidden, weight, targets, _ = make_inputs()
+def test_entropy_matches_float64_entropy(device):
+    hidden, weight, targets, _ = make_inputs(device=device)
     logp, entropy = token_logprobs(hidden, weight, targets, 0.6, return_entropy=True, **CHUNKS)
     log_probs = (hidden.double() @ weight.double().T / 0.6).log_softmax(-1)
     ref_entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -132,8 +134,8 @@ def test_entropy_matches_float64_entropy():
     assert not entropy.requires_grad
 
 
-def test_bf16_close_to_fp32_reference():
-    hidden, weight, targets, grad_out = make_inputs(dtype=torch.bfloat16)
+def test_bf16_close_to_fp32_reference(device):
+    hidden, weight, targets, grad_out = make_inputs(dtype=torch.bfloat16, device=device)
     hidden.requires_grad_(True)
     logp = token_logprobs(hidden, weight, targets, 0.9, **CHUNKS)
     (logp * grad_out).sum().backward()

@@ -274,9 +274,10 @@ def linear4bit_layers(model):
 
 def lora_logprob_loss(model, context, action):
     """Minus the summed log-prob of `action` after `context`: the shape of the PPO loss, enough for gradients."""
-    ids = torch.tensor([context + action])
+    device = next(model.parameters()).device
+    ids = torch.tensor([context + action], device=device)
     logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
-    return -torch.log_softmax(logits, -1).gather(-1, torch.tensor(action)[:, None]).sum()
+    return -torch.log_softmax(logits, -1).gather(-1, torch.tensor(action, device=device)[:, None]).sum()
 
 
 def assert_agent_grads_ok(model, agent):
@@ -287,8 +288,8 @@ def assert_agent_grads_ok(model, agent):
         assert p.grad.abs().sum() > 0, f"{names[id(p)]}: zero gradient"
 
 
-def test_4bit_lora_gets_gradients_after_a_no_grad_generation(tiny_model_dir):
-    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=True, device="cpu")
+def test_4bit_lora_gets_gradients_after_a_no_grad_generation(tiny_model_dir, device):
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=True, device=device)
     layers = linear4bit_layers(base)
     assert len(layers) == TINY_LAYERS * N_LINEAR_PER_LAYER
     assert disable_bnb_cpu_repack(base) == len(layers) > 0

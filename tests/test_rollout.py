@@ -29,25 +29,27 @@ def record(prompt, i=0, label="benign"):
 
 
 @pytest.fixture(scope="module")
-def agents(tiny_model_dir):
-    """Tiny agents whose adapters differ from each other and from the base model (LoRA B perturbed)."""
-    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+def agents(tiny_model_dir, device):
+    """Tiny agents whose adapters differ from each other and from the base model (LoRA B perturbed), on the test
+    device (a GPU under bench/gpu_check.py)."""
+    base, tokenizer = load_base(tiny_model_dir, load_in_4bit=False, device=device)
     model = attach_agents(base)
     with torch.no_grad():
         for seed, agent in enumerate(("conversation", "feedback"), start=1):
             gen = torch.Generator().manual_seed(seed)
             for name, param in model.named_parameters():
                 if f".{agent}." in name and "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+                    param.copy_(torch.randn(param.shape, generator=gen).to(param.device) * 0.05)
     return model, tokenizer
 
 
 def fresh_logprobs(model, agent, turn, temperature):
-    """Naive reference: one unpadded forward over context + action with `agent` active."""
+    """Naive reference: one unpadded forward over context + action with `agent` active (returned on the CPU)."""
     use_agent(model, agent)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([turn.context_ids + turn.action_ids])).logits[0].float()
-    logits = logits[len(turn.context_ids) - 1:-1]
+        logits = model(input_ids=torch.tensor([turn.context_ids + turn.action_ids], device=device)).logits[0].float()
+    logits = logits[len(turn.context_ids) - 1:-1].cpu()
     if temperature > 0:
         logits = logits / temperature
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(turn.action_ids)[:, None]).squeeze(-1)
@@ -123,7 +125,7 @@ def test_greedy_batched_equals_unbatched_and_generate(agents):
     for context, actions in zip(contexts, batched):
         alone, _, _ = rollout.sample(model, tokenizer, [context], max_new_tokens=10, temperature=0)
         assert actions == alone[0]
-        ids = torch.tensor([context])
+        ids = torch.tensor([context], device=next(model.parameters()).device)
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
         assert actions == generated[0, len(context):].tolist()
@@ -230,23 +232,27 @@ def test_at_most_t_max_feedback_rounds(agents, monkeypatch):
 
 class ScriptedLM(torch.nn.Module):
     """Stands in for the PeftModel inside sample(): each agent emits a fixed token script, whatever it reads.
-    The 'KV cache' is just the step counter, so the script position follows the decoding loop exactly."""
+    The step counter lives on the KV cache object sample() passes to every step, so the script position follows the
+    decoding loop exactly."""
 
     def __init__(self, tokenizer, scripts):
         super().__init__()
+        from transformers import LlamaConfig
+
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # sample() reads the device from the parameters
+        self.config = LlamaConfig(num_hidden_layers=1)  # sample() builds its KV cache from the config
         self.generation_config = SimpleNamespace(eos_token_id=None)
         self.scripts, self.vocab, self.agent = scripts, len(tokenizer), "conversation"
 
     def set_adapter(self, name):
         self.agent = name
 
-    def forward(self, input_ids, past_key_values=None, **_):
-        step = past_key_values or 0
+    def forward(self, input_ids, cache, **_):
+        step = cache.scripted_steps = getattr(cache, "scripted_steps", -1) + 1
         script = self.scripts[self.agent]
         logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
         logits[:, :, script[min(step, len(script) - 1)]] = 50.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        return SimpleNamespace(logits=logits)
 
 
 def scripted_model(tokenizer, feedback_json_rest):
