@@ -494,6 +494,19 @@ def load_judge(spec="default", **kw):
                      "'hf:<model id or path>' or 'http://host:port/v1#<model name>'")
 
 
+def judge_from_flag(spec: str, flag: str = "--judge"):
+    """load_judge for a command line: a bad spec is a one-line error naming the flag, not a traceback."""
+    if spec.startswith("hf:"):
+        path = spec[3:]
+        if (os.path.isabs(path) or path.startswith((".", "~"))) and not Path(path).expanduser().exists():
+            raise SystemExit(f"{flag} {spec}: local folder {path} does not exist")
+    try:
+        return load_judge(spec)
+    except (ValueError, OSError) as err:  # unknown spec, unknown or unreachable model
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"{flag} {spec}: {reason}") from None
+
+
 # ----------------------------------------------------------------------------------------------- measurement
 def grouped_folds(groups, k=5, seed=0):
     """Fold index per row; all responses to one prompt share a fold, so paraphrases never straddle train and test."""
