@@ -458,3 +458,93 @@ def test_rollout_records_the_unforged_contexts(tiny_model_dir, tokenizer):
     [traj] = rollout.rollout(model, tokenizer, [{"id": "x", "prompt": INJECTION, "label": "harmful"}], config)
     assert turn_markers(tokenizer, traj.answers[0].context_ids) == (3, 2)
     assert turn_markers(tokenizer, traj.feedbacks[0].context_ids)[0] == 3
+
+
+# ----------------------------------------------------------------------------------------------- eval keeps its work
+TIMING_RECORD = ("latency_s", "conversation_s", "feedback_s")
+
+
+def eval_argv(tiny_model_dir, out, adapters, *extra):
+    return ["--model", tiny_model_dir, "--prompts", str(REPO / "data" / "prompts.jsonl"), "--limit", "4",
+            "--judge", "default:prefix", "--max-new-tokens", "4", "--feedback-max-new-tokens", "4", "--batch-size",
+            "4", "--bootstrap", "20", "--adapters", str(adapters), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tiny_model_dir, tmp_path_factory):
+    model = attach_agents(load_base(tiny_model_dir)[0])
+    with torch.no_grad():  # non-zero adapters, so that waltzrl differs from the untrained systems
+        for agent in AGENTS:
+            for p in adapter_parameters(model, agent):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path_factory.mktemp("trained") / "adapters"
+    save_agents(model, folder)
+    return folder
+
+
+def without_timing(records):
+    return {system: [{k: v for k, v in r.items() if k not in TIMING_RECORD} for r in rows]
+            for system, rows in records.items()}
+
+
+def test_eval_keeps_finished_systems_on_interrupt_and_resumes_the_rest(tiny_model_dir, tmp_path, trained_adapters,
+                                                                       monkeypatch, capsys):
+    clean = tmp_path / "clean"
+    assert evaluation.main(eval_argv(tiny_model_dir, clean, trained_adapters)) == 0
+    want = {s: v["records"] for s, v in json.loads((clean / "results.json").read_text())["systems"].items()}
+
+    out = tmp_path / "interrupted"
+    real_collaboration = evaluation.collaboration_system
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the third system, after base and base+safeguard
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "collaboration_system", interrupted)
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "systems").iterdir()) == ["base+safeguard.json", "base.json"]
+    kept = json.loads((out / "systems" / "base.json").read_text())["records"]
+    assert without_timing({"base": kept}) == without_timing({"base": want["base"]})
+
+    monkeypatch.setattr(evaluation, "collaboration_system", real_collaboration)
+    regenerated = []
+    real_safeguard = evaluation.safeguard_system
+    monkeypatch.setattr(evaluation, "safeguard_system", lambda *a, **k: regenerated.append(1) or real_safeguard(*a, **k))
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--resume")) == 0
+    assert regenerated == []  # base+safeguard was reused, not evaluated again
+    got = {s: v["records"] for s, v in json.loads((out / "results.json").read_text())["systems"].items()}
+    assert list(got) == list(evaluation.SYSTEMS)
+    assert without_timing(got) == without_timing(want)
+
+    with pytest.raises(SystemExit, match=r"base\.json was evaluated with other settings \(max_new_tokens\)"):
+        evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--resume", "--max-new-tokens", "5"))
+
+
+def test_eval_checks_out_and_adapters_before_generating(tiny_model_dir, tmp_path, trained_adapters, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluation, "load_base", no_model)
+    a_file = tmp_path / "results-file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SystemExit, match=f"--out {out}: cannot write there"):
+            evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters))
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_adapters, broken)
+    weights = broken / "feedback" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=f"{weights}: unreadable adapter weights"):
+        evaluation.main(eval_argv(tiny_model_dir, tmp_path / "eval", broken))
+    with pytest.raises(SystemExit, match="--judge bogus:thing: unknown judge spec"):
+        evaluation.main(eval_argv(tiny_model_dir, tmp_path / "eval", trained_adapters, "--judge", "bogus:thing"))
+
+
+def test_eval_refuses_prompts_past_the_context(tiny_model_dir, tmp_path, trained_adapters):
+    prompts = tmp_path / "long.jsonl"
+    rows = [{"id": "short", "prompt": "hi", "label": "benign", "category": "x", "split": "eval"},
+            {"id": "long", "prompt": "hello " * 2048, "label": "benign", "category": "x", "split": "eval"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = eval_argv(tiny_model_dir, tmp_path / "eval", trained_adapters, "--prompts", str(prompts))
+    with pytest.raises(SystemExit, match="1 prompt\\(s\\) do not fit the model's 2048-token context.*'long'"):
+        evaluation.main(argv)
