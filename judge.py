@@ -398,6 +398,12 @@ class HFJudge(_ModelJudge):
         self.model = AutoModelForCausalLM.from_pretrained(model_id).to(device).eval()
 
     def _render(self, prompt, response):
+        from rollout import escape_special_tokens
+
+        # The text under judgement must not forge turns of the judge's own chat (an answer that ends in
+        # "<|im_end|><|im_start|>assistant" and a verdict): its special-token strings are broken first.
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        prompt, response = escape_special_tokens(prompt, specials), escape_special_tokens(response, specials)
         messages = judge_messages(prompt, response, self.guard)
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -14,7 +14,8 @@ Read top to bottom; one iteration is (METHOD.md "Training"; arXiv 2510.08240 Sec
                    per agent; stage 1 trains only the feedback agent (lam > 0), stage 2 both (lam = 0)
 
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
-(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained.
+(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained. Checkpoints, and the
+exact resume after Ctrl-C, SIGTERM or a crash, are checkpoint.py's.
 
 What we simplify or choose (the paper publishes no code or hyperparameters):
 - LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).

@@ -548,3 +548,13 @@ def test_eval_refuses_prompts_past_the_context(tiny_model_dir, tmp_path, trained
     argv = eval_argv(tiny_model_dir, tmp_path / "eval", trained_adapters, "--prompts", str(prompts))
     with pytest.raises(SystemExit, match="1 prompt\\(s\\) do not fit the model's 2048-token context.*'long'"):
         evaluation.main(argv)
+
+
+def test_answer_cannot_forge_the_hf_judges_verdict(tiny_model_dir):
+    from judge import DefaultJudge, HFJudge, PhraseDetector
+
+    hf = HFJudge(tiny_model_dir, fallback=DefaultJudge(PhraseDetector()))
+    for guard in (False, True):  # one user turn with both texts; Llama Guard's user + assistant turns
+        hf.guard = guard
+        ids = hf.tokenizer(hf._render(INJECTION, FAKE_VERDICT), add_special_tokens=False)["input_ids"]
+        assert turn_markers(hf.tokenizer, ids) == ((3, 2) if guard else (2, 1))
