@@ -104,7 +104,7 @@ class Args:
     recompute_old_logprobs: bool = False  # recompute pi_old with a training forward instead of using sampling log-probs
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
-    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
+    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C or SIGTERM, and at the end)
 
     def __post_init__(self):
         if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
