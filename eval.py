@@ -21,6 +21,7 @@ Our choices and simplifications:
 - --limit keeps prompts round-robin over categories so that a short run still covers every category.
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -33,8 +34,8 @@ import torch
 
 from infer import add_generation_limit_flags, generation_limits, inference_config, reply_from_trajectory
 from model_card import add_evaluation
-from models import AGENTS, DEFAULT_MODEL, attach_agents, load_base
-from rollout import RolloutConfig, Trajectory, judge_trajectories, rollout
+from models import AGENTS, DEFAULT_MODEL, attach_agents, check_saved_adapter, load_base
+from rollout import RolloutConfig, Trajectory, context_window, judge_trajectories, longest_contexts, rollout
 from systems import (SINGLE_AGENT_SYSTEMS, SYSTEMS, base_answers, collaboration_system, feedback_agent_unsafe_flags,
                      oracle_template_system, safeguard_system, swap_in_adapters)
 
@@ -119,9 +120,10 @@ class CachedJudge:
 
 
 def run_systems(model, tokenizer, prompts, judge, systems, config: RolloutConfig, adapters=None,
-                safeguard="judge", seed=0, single_agent_adapters=None) -> tuple:
+                safeguard="judge", seed=0, single_agent_adapters=None, finished=None, on_system_done=None) -> tuple:
     """Generate and judge every requested system on the prompts. Returns ({system: records}, model): the model
-    comes back because swapping in trained adapters rewraps it."""
+    comes back because swapping in trained adapters rewraps it. `finished` ({system: records}, from an earlier
+    run) are not generated again; on_system_done(system, records) is called as each other system completes."""
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; expected some of {SYSTEMS}")
@@ -131,7 +133,8 @@ def run_systems(model, tokenizer, prompts, judge, systems, config: RolloutConfig
         raise ValueError("the single-agent systems need trained adapters (single_agent_adapters=...)")
     systems = sorted(set(systems), key=SYSTEMS.index)  # waltzrl (which swaps adapters) always last
     judge = judge if isinstance(judge, CachedJudge) else CachedJudge(judge)
-    records = {}
+    finished = finished or {}
+    records = {system: finished[system] for system in systems if system in finished}
     shared = single = None
 
     def safeguarded(answers, judged):
@@ -142,12 +145,13 @@ def run_systems(model, tokenizer, prompts, judge, systems, config: RolloutConfig
             flagged, turns, parsed = feedback_agent_unsafe_flags(model, tokenizer, prompts, answers, config)
         return safeguard_system(prompts, answers, flagged, turns, parsed)
 
-    if {"base", "base+safeguard", "oracle+template"} & set(systems):
+    # Every system reseeds, so one that is generated alone (the others finished earlier) gets the same answers.
+    if {"base", "base+safeguard", "oracle+template"} & (set(systems) - set(finished)):
         torch.manual_seed(seed)
         answers = base_answers(model, tokenizer, prompts, config)
         judged = judge([p["prompt"] for p in prompts], [a.text for a in answers], [p["label"] for p in prompts])
         shared = (answers, judged)
-    for system in systems:  # each system's trigger is its trajectories' revision (a safeguard refusal counts as one)
+    for system in [s for s in systems if s not in finished]:  # a system's trigger is its trajectories' revision
         torch.manual_seed(seed)
         if system == "base":
             trajs = [Trajectory(prompt=p, answers=[a]) for p, a in zip(prompts, shared[0])]
@@ -173,7 +177,52 @@ def run_systems(model, tokenizer, prompts, judge, systems, config: RolloutConfig
             trajs = collaboration_system(model, tokenizer, prompts, config, "waltzrl")
         judge_trajectories(judge, trajs)
         records[system] = [trajectory_record(t) for t in trajs]
-    return records, model
+        if on_system_done is not None:
+            on_system_done(system, records[system])
+    return {system: records[system] for system in systems}, model
+
+
+# ----------------------------------------------------------------------------------------------- keeping finished work
+def system_settings(args, prompts, system) -> dict:
+    """What a system's records depend on; --resume reuses stored records only when these are all unchanged."""
+    settings = {k: getattr(args, k) for k in ("model", "prompts", "split", "limit", "judge", "safeguard", "temperature",
+                                              "seed", "max_new_tokens", "feedback_max_new_tokens", "batch_size")}
+    settings["prompt_digest"] = hashlib.sha1(json.dumps([(p["id"], p["prompt"], p["label"]) for p in prompts])
+                                             .encode()).hexdigest()
+    folder = args.adapters if system == "waltzrl" else args.single_agent_adapters if system in SINGLE_AGENT_SYSTEMS else None
+    if folder:  # the trained adapters, by content: a run retrained into the same folder is new
+        digest = hashlib.sha1()
+        for path in sorted(Path(folder).glob("*/adapter_model.safetensors")):
+            digest.update(path.read_bytes())
+        settings["adapters"], settings["adapters_digest"] = folder, digest.hexdigest()
+    return settings
+
+
+def save_system(folder: Path, system: str, records: list, settings: dict) -> None:
+    """One finished system's records, written atomically to folder/<system>.json as soon as it completes."""
+    tmp = folder / f"{system}.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "records": records}, ensure_ascii=False))
+    tmp.replace(folder / f"{system}.json")
+
+
+def load_finished(folder: Path, systems, settings_of) -> dict:
+    """Records of the systems an earlier run with the same settings finished (--resume)."""
+    finished = {}
+    for system in systems:
+        path = folder / f"{system}.json"
+        if not path.exists():
+            continue
+        try:
+            stored = json.loads(path.read_text())
+            stored["settings"], stored["records"]  # noqa: B018
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"--resume: {path} is unreadable ({err}); delete it or run without --resume") from None
+        changed = sorted(k for k, v in settings_of(system).items() if stored["settings"].get(k) != v)
+        if changed:
+            raise SystemExit(f"--resume: {path} was evaluated with other settings ({', '.join(changed)}); use the "
+                             f"same flags, or run without --resume to start over")
+        finished[system] = stored["records"]
+    return finished
 
 
 def periodic_eval(model, tokenizer, judge, prompts, config: RolloutConfig, single_agent: bool = False) -> dict:
@@ -346,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling (temperature > 0) and the bootstrap")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
-    parser.add_argument("--out", default="runs/eval", help="output folder for results.md/.json and pareto.png")
+    parser.add_argument("--out", default="runs/eval",
+                        help="output folder for results.md/.json and pareto.png; each finished system's records are "
+                             "also kept in <out>/systems/ as soon as it completes")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the systems an interrupted run with the same settings finished (<out>/systems/) "
+                             "and evaluate only the others")
     parser.add_argument("--rejudge", default=None, metavar="RESULTS_JSON",
                         help="generate nothing: re-label the answers stored in an earlier results.json with --judge "
                              "(e.g. a judge that training did not use) and write the new tables to --out")
@@ -361,9 +415,22 @@ def report(results: dict, out_dir) -> int:
     return 0
 
 
+def writable_folder(path: str) -> Path:
+    """--out, created and checked writable before any generation (not after an hour of it)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"--out {path}: cannot write there ({err.strerror or err})") from None
+    return folder
+
+
 def main(argv=None) -> int:
     from data import DatasetLoadError, PromptFileError, load_prompts, spread_over_categories
-    from judge import load_judge
+    from judge import judge_from_flag
 
     args = build_parser().parse_args(argv)
     if args.rejudge:
@@ -372,7 +439,8 @@ def main(argv=None) -> int:
             results["systems"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise SystemExit(f"--rejudge {args.rejudge}: not a results.json written by eval.py ({err})") from None
-        return report(rejudge(results, load_judge(args.judge), args.bootstrap, args.seed), args.out)
+        writable_folder(args.out)
+        return report(rejudge(results, judge_from_flag(args.judge), args.bootstrap, args.seed), args.out)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
@@ -394,6 +462,8 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"{flag} {folder}: no saved adapter for {missing} "
                              f"(expected {folder}/<agent>/adapter_config.json, the output of train.py)")
+        for agent in AGENTS if folder else ():  # readable, not only present: a truncated file fails now, not later
+            check_saved_adapter(Path(folder) / agent)
     args.max_new_tokens, args.feedback_max_new_tokens = generation_limits(
         args.adapters or args.single_agent_adapters, args.max_new_tokens, args.feedback_max_new_tokens)
     for flag in ("max_new_tokens", "feedback_max_new_tokens", "batch_size", "bootstrap"):
@@ -409,15 +479,39 @@ def main(argv=None) -> int:
         raise SystemExit(f"--prompts {args.prompts}: {err}") from None
     if not prompts:
         raise SystemExit(f"--prompts {args.prompts}: no prompts in split {args.split!r}")
+    out = writable_folder(args.out)
+    store = out / "systems"  # each system's records, written as it completes
+    settings_of = lambda system: system_settings(args, prompts, system)  # noqa: E731
+    finished = load_finished(store, systems, settings_of) if args.resume else {}
 
     began = time.perf_counter()
-    judge = load_judge(args.judge)
+    judge = judge_from_flag(args.judge)
     base, tokenizer = load_base(args.model)
-    model = attach_agents(base)  # fresh zero-init adapters = the untrained prompted agents
     config = inference_config(args.temperature, args.max_new_tokens, args.feedback_max_new_tokens,
                               batch_size=args.batch_size)
-    records, model = run_systems(model, tokenizer, prompts, judge, systems, config, args.adapters, args.safeguard,
-                                 args.seed, args.single_agent_adapters)
+    window = context_window(base)
+    needs = longest_contexts(tokenizer, [p["prompt"] for p in prompts], config) if window else []
+    too_long = [(p["id"], need) for p, need in zip(prompts, needs) if need > window]
+    if too_long:  # an evaluation set is evaluated whole: no prompt is silently dropped or cut
+        raise SystemExit(f"--prompts {args.prompts}: {len(too_long)} prompt(s) do not fit the model's {window}-token "
+                         f"context with --max-new-tokens {args.max_new_tokens} and --feedback-max-new-tokens "
+                         f"{args.feedback_max_new_tokens} (prompt {too_long[0][0]!r} needs {too_long[0][1]})")
+    model = attach_agents(base)  # fresh zero-init adapters = the untrained prompted agents
+    if not args.resume:
+        for stale in store.glob("*.json"):  # an earlier run's records must not pass for this run's
+            stale.unlink()
+    store.mkdir(exist_ok=True)
+    if finished:
+        print(f"resume: reusing {', '.join(finished)} from {store}", file=sys.stderr)
+    try:
+        records, model = run_systems(model, tokenizer, prompts, judge, systems, config, args.adapters,
+                                     args.safeguard, args.seed, args.single_agent_adapters, finished,
+                                     lambda system, rows: save_system(store, system, rows, settings_of(system)))
+    except KeyboardInterrupt:
+        done = sorted(p.stem for p in store.glob("*.json"))
+        print(f"\nInterrupted: the finished systems ({', '.join(done) or 'none'}) are kept in {store}; run again "
+              f"with --resume to evaluate only the others", file=sys.stderr)
+        return 130
     safeguard = ("oracle: the judge's unsafe label" if args.safeguard == "judge"
                  else "the untrained feedback agent's unsafe label")
     results = {"prompts": f"{args.prompts} (split {args.split})", "n_prompts": len(prompts),

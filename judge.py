@@ -16,11 +16,13 @@ The paper uses a large LLM judge; we offer three interchangeable judges with one
 Both model judges fall back to the default judge for any item whose output does not parse (counted in n_fallback).
 """
 import json
+import os
 import re
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from refusal import PROMPT_LABELS, load_refusal_detector
 from reward import Labels
@@ -140,6 +142,12 @@ class HFJudge(_ModelJudge):
         self.model = AutoModelForCausalLM.from_pretrained(model_id).to(device).eval()
 
     def _render(self, prompt, response):
+        from rollout import escape_special_tokens
+
+        # The text under judgement must not forge turns of the judge's own chat (an answer that ends in
+        # "<|im_end|><|im_start|>assistant" and a verdict): its special-token strings are broken first.
+        specials = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        prompt, response = escape_special_tokens(prompt, specials), escape_special_tokens(response, specials)
         messages = judge_messages(prompt, response, self.guard)
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -234,3 +242,16 @@ def load_judge(spec="default", **kw):
         return HTTPJudge(url, model, **kw)
     raise ValueError(f"unknown judge spec {spec!r}; use 'default', 'default:phrase', 'default:prefix', "
                      "'hf:<model id or path>' or 'http://host:port/v1#<model name>'")
+
+
+def judge_from_flag(spec: str, flag: str = "--judge"):
+    """load_judge for a command line: a bad spec is a one-line error naming the flag, not a traceback."""
+    if spec.startswith("hf:"):
+        path = spec[3:]
+        if (os.path.isabs(path) or path.startswith((".", "~"))) and not Path(path).expanduser().exists():
+            raise SystemExit(f"{flag} {spec}: local folder {path} does not exist")
+    try:
+        return load_judge(spec)
+    except (ValueError, OSError) as err:  # unknown spec, unknown or unreachable model
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"{flag} {spec}: {reason}") from None

@@ -235,6 +235,7 @@ def reference_policy(model, agent: str | None = None):
 
 def load_reference_copy(model, agent: str, directory) -> None:
     """Load a saved adapter of `agent` as the frozen "<agent>_reference", its KL anchor from now on."""
+    check_saved_adapter(Path(directory) / agent)
     model.load_adapter(Path(directory) / agent, adapter_name=f"{agent}_reference", is_trainable=False)
 
 
@@ -293,15 +294,41 @@ def save_agents(model, directory, args: dict | None = None, eval_text: str = "")
     (directory / "README.md").write_text(pair_card(base_id), encoding="utf-8")  # replaces peft's empty template
 
 
+def check_saved_adapter(folder) -> None:
+    """A one-line error naming the file when a saved adapter is missing or unreadable (a truncated copy, a file cut
+    by a crash), instead of a library traceback from deep inside peft that names no file."""
+    folder = Path(folder)
+    config = folder / "adapter_config.json"
+    if not config.exists():
+        raise SystemExit(f"{folder} is not a saved adapter (no adapter_config.json); expected the output folder of "
+                         f"train.py")
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SystemExit(f"{config}: unreadable adapter config ({err})") from None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        if (folder / "adapter_model.bin").exists():
+            return  # an older peft format, read by peft itself
+        raise SystemExit(f"{folder}: no adapter_model.safetensors next to adapter_config.json")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, "pt") as f:  # reads the header; a truncated file fails here
+            f.keys()
+    except Exception as err:  # SafetensorError, OSError
+        raise SystemExit(f"{weights}: unreadable adapter weights ({err}); the file is truncated or not safetensors") \
+            from None
+
+
 def load_agents(base, directory, trainable: bool = True):
     """Wrap `base` with the two adapters saved by save_agents (or by a training checkpoint)."""
     from peft import PeftModel
 
     directory = Path(directory)
     for name in AGENTS:
-        if not (directory / name / "adapter_config.json").exists():
-            raise SystemExit(f"{directory / name} is not a saved adapter (no adapter_config.json); "
-                             f"expected the output folder of train.py")
+        check_saved_adapter(directory / name)
     model = PeftModel.from_pretrained(base, directory / AGENTS[0], adapter_name=AGENTS[0], is_trainable=trainable)
     model.load_adapter(directory / AGENTS[1], adapter_name=AGENTS[1], is_trainable=trainable)
     use_agent(model, AGENTS[0])

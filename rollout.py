@@ -25,13 +25,15 @@ Our choices where the paper is silent or we go beyond it:
   truncated distribution and that ratio would be wrong, so RolloutConfig has no top_p (sample() keeps its top_p
   argument for callers that never train on the log-probs it returns).
 """
+import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from feedback_parser import feedback_object_closed, labels_prefix_complete, parse_feedback
+from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 from models import use_agent
+from reward import Labels
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "
@@ -188,12 +190,77 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
 
 
 def chat_ids(tokenizer, messages, prefill: str = "") -> list:
-    """Token ids of a chat ready for the assistant's reply (plus an optional prefill of that reply)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = list(ids["input_ids"])
+    """Token ids of a chat ready for the assistant's reply (plus an optional prefill of that reply).
+
+    Only the chat template's own markup becomes special tokens. Message text (the user's prompt, an agent's answer,
+    feedback) is tokenised with special tokens switched off, so a prompt containing "<|im_end|><|im_start|>system"
+    stays plain text and cannot forge a turn (chat-template injection). To tell markup from text, the template is
+    rendered with a placeholder per message; the special tokens of the markup are then the only split points, as in
+    the tokenizer's own splitting, so for honest text the ids equal `apply_chat_template(..., tokenize=True)`.
+    """
+    placeholders = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(placeholders, add_generation_prompt=True, tokenize=False)
+    pieces = re.split("\ue000(\\d+)\ue001", rendered)  # markup, message index, markup, ..., markup
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
+        # The template rewrote the placeholders (it transforms message text): render the real text instead, with
+        # every special-token string in it broken by a zero-width space.
+        escaped = [dict(m, content=escape_special_tokens(m["content"], specials)) for m in messages]
+        pieces = [tokenizer.apply_chat_template(escaped, add_generation_prompt=True, tokenize=False)]
+    split_at_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def plain(text):  # special-token strings in text stay text
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+    ids, text = [], ""
+    for index, piece in enumerate(pieces):
+        if index % 2:  # a message's text
+            text += messages[int(piece)]["content"]
+            continue
+        parts = split_at_specials.split(piece) if split_at_specials else [piece]
+        for j, part in enumerate(parts):
+            if j % 2:  # a special token of the markup: a real one
+                ids += plain(text) + [tokenizer.convert_tokens_to_ids(part)]
+                text = ""
+            else:
+                text += part
+    ids += plain(text)
     if prefill:
         ids += tokenizer(prefill, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def escape_special_tokens(text: str, specials) -> str:
+    """Break every special-token string in text with a zero-width space after its first character."""
+    for token in specials:
+        text = text.replace(token, token[:1] + "\u200b" + token[1:])
+    return text
+
+
+def context_window(model) -> int | None:
+    """The longest sequence the model was built for (its config's max_position_embeddings), when it says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def longest_contexts(tokenizer, prompts: list, config: RolloutConfig) -> list:
+    """For each prompt text, the most tokens a forward pass of one of its trajectories can hold (context plus new
+    tokens, every turn at its length limit), to within a token or two: the template's share of each turn is measured
+    once, and each prompt's own tokens are counted in one batched call."""
+    if not prompts:
+        return []
+    probe = {"prompt": "x"}
+    probe_tokens = len(tokenizer(probe["prompt"], add_special_tokens=False)["input_ids"])
+    answer = len(chat_ids(tokenizer, conversation_messages(Trajectory(prompt=probe)))) - probe_tokens
+    prefill = FEEDBACK_PREFILL if config.feedback_prefill else ""
+    feedback = len(chat_ids(tokenizer, feedback_messages(probe["prompt"], ""), prefill)) - probe_tokens
+    revised = Trajectory(prompt=probe, answers=[Turn("conversation", [], [], [], "", 0.0, False)],
+                         parsed=[ParsedFeedback(Labels(True, False), "", "")])
+    per_round = len(chat_ids(tokenizer, conversation_messages(revised))) - probe_tokens - answer
+    new_c, new_f = config.conversation_max_new_tokens, config.feedback_max_new_tokens
+    worst = max(answer + new_c, feedback + new_c + new_f if config.max_rounds else 0,
+                answer + config.max_rounds * (per_round + new_c + new_f) + new_c)
+    counts = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [len(ids) + worst for ids in counts]
 
 
 def conversation_messages(traj: Trajectory) -> list:

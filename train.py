@@ -15,7 +15,8 @@ and `train()` near the end runs all six in order:
                    per agent; stage 1 trains only the feedback agent (lam > 0), stage 2 both (lam = 0)
 
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
-(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained.
+(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained. Checkpoints, and the
+exact resume after Ctrl-C, SIGTERM or a crash, are checkpoint.py's.
 
 `torchrun --nproc-per-node N train.py ...` trains data-parallel on N GPUs: the global batch and optimizer steps of one
 process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`;
@@ -42,7 +43,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -51,11 +51,13 @@ from pathlib import Path
 import torch
 
 import distributed
+from checkpoint import (StopSignals, check_resume_args, find_checkpoint, flag, load_checkpoint, prepare_out,
+                        read_checkpoint_state, rng_state, save_checkpoint, stop_and_save, trim_log)
 from logprobs import action_logprobs, pad_batch
 from models import (AGENTS, DEFAULT_MODEL, adapter_parameters, attach_agents, enable_activation_checkpointing,
                     load_agents, load_base, load_reference_copy, reference_policy, save_agents, use_agent)
 from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
-from rollout import RolloutConfig, judge_trajectories, rollout
+from rollout import RolloutConfig, context_window, judge_trajectories, longest_contexts, rollout
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Args:
     preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
     seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
     resume: bool = False  # continue from out/checkpoint (adapters, optimizers, RNG states, iteration)
+    overwrite: bool = False  # start over in an --out that holds an earlier run (deletes its log, checkpoints, adapters)
     single_agent: bool = False  # the paper's single-agent RL baseline: the conversation agent alone, no feedback turns, trained with R_c for --stage2-iterations (stage 1 and warm-start skipped)
     # --- supervised warm-start of the feedback agent (our departure, warmstart.py; off unless asked)
     warmstart_epochs: int = 0  # epochs of label imitation before stage 1 (0 = off, as in the paper; cpu preset: 2)
@@ -110,7 +113,7 @@ class Args:
     recompute_old_logprobs: bool | None = None  # pi_old by a training forward, not from sampling (None: iff bf16/4-bit)
     logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
     share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
-    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C, and at the end)
+    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C or SIGTERM, and at the end)
     # --- learning curves while training
     eval_every: int = 0  # every N iterations (and once before the first) greedy-evaluate a fixed subset of the eval split and log eval/* (0 = off)
     eval_prompts: int = 24  # size of that subset, taken round-robin over categories from the 'eval' split of --prompts
@@ -122,6 +125,32 @@ class Args:
             self.warmstart_epochs, self.warmstart_label_weight, self.stage2_lam = 2, 10.0, 0.5
         elif self.preset:
             raise SystemExit(f"--preset: unknown preset '{self.preset}' (known: cpu)")
+
+    def validate(self) -> None:
+        """Check every setting before anything is loaded or written; a bad one is a one-line error naming its flag."""
+        def require(name, ok, rule):
+            if not ok:
+                raise SystemExit(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("prompts_per_iteration", "samples_per_prompt", "max_rounds", "conversation_max_new_tokens",
+                     "feedback_max_new_tokens", "rollout_batch_size", "ppo_epochs", "minibatch_size",
+                     "micro_batch_size", "lora_rank", "lora_alpha", "logprob_chunk_size", "save_every"):
+            require(name, getattr(self, name) >= 1, ">= 1")
+        for name in ("stage1_iterations", "stage2_iterations", "warmstart_epochs", "warmstart_prompts"):
+            require(name, getattr(self, name) >= 0, ">= 0")
+        # Training samples: greedy decoding (temperature 0) has no policy distribution for the PPO ratio.
+        for name in ("temperature", "feedback_lr", "conversation_lr", "warmstart_lr", "warmstart_label_weight",
+                     "clip_eps", "max_grad_norm"):
+            require(name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        for name in ("alpha", "lam", "stage2_lam", "gamma", "kl_coef"):
+            require(name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        require("load_in_4bit", self.load_in_4bit in ("auto", "yes", "no"), "auto, yes or no")
+        require("split", self.split in ("train", "eval"), "train or eval")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume and --overwrite exclude each other: continue the run, or start it over")
+        if self.stage1_iterations + self.stage2_iterations + self.warmstart_epochs == 0:
+            raise SystemExit("nothing to train: --stage1-iterations, --stage2-iterations and --warmstart-epochs are "
+                             "all 0")
 
 
 PRESET_FIELDS = {"cpu": ("stage1_iterations", "stage2_iterations", "prompts_per_iteration", "warmstart_epochs",
@@ -139,12 +168,12 @@ def parse_args(argv=None) -> Args:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
+        help_text = comments[f.name].replace("%", "%%")  # argparse formats help with %: a bare % breaks --help
         if f.type in ("bool", bool, bool | None):
-            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
-                                help=comments[f.name].replace("%", "%%"))  # argparse %-formats help
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=comments[f.name])
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     parsed = vars(parser.parse_args(argv))
     if parsed["preset"]:  # a preset sets the schedule, but explicit flags still win
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
@@ -320,36 +349,6 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             "samples": len(samples)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically (temp folder + rename) so that Ctrl-C or a crash never leaves a broken one
-# ---------------------------------------------------------------------------------------------------------------------
-def save_checkpoint(model, optimizers, iteration, args, rng, folder):
-    if not distributed.is_main():  # distributed: the ranks hold identical state; rank 0 writes it
-        return
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_agents(model, tmp)
-    torch.save({"iteration": iteration, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(), "args": asdict(args)},
-               tmp / "trainer_state.pt")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(folder, optimizers, rng):
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
-    torch.set_rng_state(state["torch_rng"])
-    rng.setstate(state["python_rng"])
-    return state["iteration"]
-
-
 def batch_metrics(trajectories, rewards) -> dict:
     """What the iteration's rollouts say about the agents (before any update)."""
     feedback_parts = [p for r in rewards for p in r["feedback"]]
@@ -383,33 +382,43 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     passed in directly (tests, notebooks)."""
     from tqdm import tqdm
 
-    from data import load_prompts
-    from judge import load_judge
+    from judge import judge_from_flag
 
+    args.validate()
     distributed.init(args.dist_timeout)  # distributed: joins the ranks under torchrun, else does nothing
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
-    if args.resume and not (checkpoint / "trainer_state.pt").exists():
-        raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
+    if args.resume:  # find_checkpoint also completes a checkpoint swap that a crash cut half-way
+        if find_checkpoint(checkpoint) is None:
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
+        state = read_checkpoint_state(checkpoint)
+        changed = check_resume_args(state.get("args", {}), asdict(args), state["iteration"])
+    prepare_out(out, args.resume, args.overwrite)  # refuses to start over an earlier run without --overwrite
 
-    prompts = prompts if prompts is not None else load_prompts(args.prompts, split=args.split)
-    if not prompts:
-        raise SystemExit(f"no prompts in {args.prompts} (split {args.split})")
+    prompts = prompts if prompts is not None else load_training_prompts(args)
     if args.eval_every > 0 and eval_prompts is None:
-        from data import spread_over_categories
+        from data import load_prompts, spread_over_categories
 
         eval_prompts = spread_over_categories(load_prompts(args.prompts, split="eval"), args.eval_prompts)
         if not eval_prompts:
             raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
-    judge = judge if judge is not None else load_judge(args.judge)
+    judge = judge if judge is not None else judge_from_flag(args.judge)
     four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
     base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
     if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
         args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
+    rollout_config = RolloutConfig(
+        max_rounds=args.max_rounds, conversation_max_new_tokens=args.conversation_max_new_tokens,
+        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
+        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
+        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
+    if args.single_agent:  # the baseline: no feedback turns at all, so the conversation agent only sees R_c(c_0)
+        rollout_config.max_rounds = 0
+    stage1_iterations = 0 if args.single_agent else args.stage1_iterations
+    prompts = fitting_prompts(prompts, tokenizer, context_window(base), rollout_config, args)
     if args.resume:
         model = load_agents(base, checkpoint, trainable=True)
     else:
@@ -422,19 +431,23 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
         "conversation": torch.optim.AdamW(adapter_parameters(model, "conversation"), lr=args.conversation_lr,
                                           weight_decay=0.0),
     }
-    start = load_checkpoint(checkpoint, optimizers, rng) if args.resume else 0
-    rollout_config = RolloutConfig(
-        max_rounds=args.max_rounds, conversation_max_new_tokens=args.conversation_max_new_tokens,
-        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
-        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
-        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
-    if args.single_agent:  # the baseline: no feedback turns at all, so the conversation agent only sees R_c(c_0)
-        rollout_config.max_rounds = 0
-    stage1_iterations = 0 if args.single_agent else args.stage1_iterations
     log_path = out / "log.jsonl"
-    if distributed.is_main():  # distributed: rank 0 alone writes files
-        if not args.resume:
-            log_path.unlink(missing_ok=True)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(state, optimizers, rng)
+        for name, lr in (("feedback", args.feedback_lr), ("conversation", args.conversation_lr)):
+            for group in optimizers[name].param_groups:  # the checkpoint's learning rate would silently win
+                group["lr"] = lr
+        dropped = trim_log(log_path, start) if distributed.is_main() else 0  # rows past the checkpoint (a kill)
+        if dropped:
+            print(f"resume: dropped {dropped} log row(s) past the checkpoint's iteration {start}", file=sys.stderr)
+        if changed and distributed.is_main():
+            print("resume: continuing with changed settings (so not what one uninterrupted run gives): "
+                  + "; ".join(changed), file=sys.stderr)
+    elif distributed.is_main():  # distributed: rank 0 alone writes files
+        prepare_out(out, args.resume, args.overwrite, remove=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
     # 0. (departure) supervised warm-start of the feedback agent; afterwards it is the feedback agent's KL anchor
@@ -466,8 +479,12 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"iteration": 0, "stage": 0, **eval_record}) + "\n")
 
+    # A stop (Ctrl-C, SIGTERM) abandons an iteration that has not begun its update; once it has, the iteration is
+    # finished first. Either way the checkpoint holds the state after the last completed iteration (checkpoint.py).
+    completed, boundary, saved = start, rng_state(rng), (start if args.resume else None)
     iteration, history = start, []
     bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")
+    stop = StopSignals().install()
     try:
         for iteration in bar:
             stage = 1 if iteration < stage1_iterations else 2
@@ -496,6 +513,7 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]
 
             # 4. samples, 5. advantages, 6. update, one independent actor per agent
+            stop.hold()  # the adapters are about to change: a stop request now waits for the end of the iteration
             began = time.perf_counter()
             samples = make_samples(trajectories, rewards, rng)
             agent_stats = {}
@@ -525,28 +543,67 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             history.append(record)
+            completed, boundary = iteration + 1, rng_state(rng)
             bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
                             f"{record['conversation_reward_after']:.2f}", Rf=f"{record['feedback_reward']:.2f}",
                             fmt=f"{record['format_rate']:.2f}", acc=f"{record['label_accuracy']:.2f}",
                             ftr=f"{record['ftr']:.2f}")
-            if (iteration + 1) % args.save_every == 0:
-                save_checkpoint(model, optimizers, iteration + 1, args, rng, checkpoint)
+            if completed % args.save_every == 0:
+                save_checkpoint(model, optimizers, completed, args, boundary, checkpoint)
+                saved = completed
+            stop.release()
+            if stop.requested:  # asked during the update: the iteration is complete now
+                raise KeyboardInterrupt
+        bar.close()
+        stop.hold()
+        save_checkpoint(model, optimizers, total, args, rng_state(rng), checkpoint)
+        if distributed.is_main():  # distributed: rank 0 writes the adapters
+            save_agents(model, out / "adapters")
+        distributed.barrier("the final save")  # distributed: no rank returns (and reads them) before they are written
+        stop.release()
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(model, optimizers, iteration, args, rng, checkpoint)
-        if distributed.is_main():  # distributed: rank 0 prints
-            print(f"\nInterrupted at iteration {iteration}: checkpoint saved to {checkpoint}; continue with --resume")
-        raise SystemExit(130)
+        raise SystemExit(stop_and_save(stop, model, optimizers, completed, boundary, saved, args, checkpoint)) from None
     except torch.OutOfMemoryError:
         bar.close()
         raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
                          "--conversation-max-new-tokens / --feedback-max-new-tokens, --prompts-per-iteration; "
                          "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
-    bar.close()
-    save_checkpoint(model, optimizers, total, args, rng, checkpoint)
-    if distributed.is_main():  # distributed: rank 0 writes the adapters
-        save_agents(model, out / "adapters")
+    finally:
+        stop.restore()
     return {"history": history, "adapters": str(out / "adapters"), "log": str(log_path), "model": model}
+
+
+def load_training_prompts(args) -> list:
+    """--prompts as records; a bad file or name is a one-line error that names it (and the line)."""
+    from data import DatasetLoadError, PromptFileError, load_prompts
+
+    try:
+        prompts = load_prompts(args.prompts, split=args.split)
+    except (PromptFileError, DatasetLoadError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--prompts {args.prompts}: {err}") from None
+    if not prompts:
+        raise SystemExit(f"--prompts {args.prompts}: no prompts in split {args.split!r}")
+    return prompts
+
+
+def fitting_prompts(prompts, tokenizer, window, config, args) -> list:
+    """The prompts whose trajectories fit the model's context window at these length limits. The others are left
+    out with a warning (cutting a prompt could change what it asks, and so its label); none fitting is an error."""
+    if window is None:
+        return prompts
+    needs = longest_contexts(tokenizer, [p["prompt"] for p in prompts], config)
+    kept = [p for p, need in zip(prompts, needs) if need <= window]
+    if len(kept) < len(prompts):
+        worst = max(range(len(prompts)), key=needs.__getitem__)
+        what = (f"{len(prompts) - len(kept)} of {len(prompts)} prompts do not fit the model's {window}-token context "
+                f"with --conversation-max-new-tokens {args.conversation_max_new_tokens}, --feedback-max-new-tokens "
+                f"{args.feedback_max_new_tokens} and --max-rounds {args.max_rounds} (prompt {prompts[worst]['id']!r} "
+                f"needs {needs[worst]})")
+        if not kept:
+            raise SystemExit(f"--prompts {args.prompts}: {what}")
+        print(f"warning: --prompts {args.prompts}: {what}; they are left out", file=sys.stderr)
+    return kept
 
 
 def print_summary(summary: dict) -> None:
@@ -581,7 +638,11 @@ def print_summary(summary: dict) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    summary = train(parse_args())
-    if distributed.is_main():  # distributed: rank 0 prints
-        print_summary(summary)
-    distributed.finish()
+    try:
+        summary = train(parse_args())
+        if distributed.is_main():  # distributed: rank 0 prints
+            print_summary(summary)
+        distributed.finish()
+    except KeyboardInterrupt:  # before the first iteration (loading, warm-start): there is nothing to save yet
+        print("\nInterrupted before training began: nothing saved", file=sys.stderr)
+        sys.exit(130)
