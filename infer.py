@@ -21,6 +21,7 @@ Simplifications: every chat message is answered on its own (the agents see no ea
 rollout.py's trajectories are single-prompt). Latency is the generation time of the agents (tokenising and
 parsing are negligible); with --batch-size > 1 each prompt is charged its share of its batch's wall time.
 """
+import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import argparse
 import statistics
 import sys
