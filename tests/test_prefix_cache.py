@@ -158,3 +158,24 @@ def test_a_callers_prefix_cache_lives_across_calls(agents, monkeypatch):
     assert [r.answer for r in first] == [r.answer for r in second]  # greedy: the reused cache changes nothing
     infer.answer_prompts(model, tokenizer, PROMPTS[:2], config, True)  # no cache given: computed for this call
     assert len(computed) == 4
+
+
+def test_forward_passes_per_turn(agents, monkeypatch):
+    """A turn of n tokens costs one prefill and n - 1 single-token steps; the shared prefix one forward per agent."""
+    model, tokenizer = agents
+    calls = []
+    hook = model.get_base_model().register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    monkeypatch.setattr(rollout, "stop_token_ids", lambda m, t: set())  # every row decodes exactly n tokens
+    try:
+        contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=record(p, i))))
+                    for i, p in enumerate(PROMPTS[:3])]
+        turns = rollout.run_agent(model, tokenizer, "conversation", contexts, 5, 1.0, RolloutConfig(batch_size=2))
+    finally:
+        hook.remove()
+    assert [len(t.action_ids) for t in turns] == [5, 5, 5]
+    prefix_length = len(system_prefix_ids(tokenizer, CONVERSATION_SYSTEM_PROMPT))
+    rests = [len(c) - prefix_length for c in contexts]
+    assert calls == ([(1, prefix_length)]                                       # the system prompt, once
+                     + [(2, max(rests[:2]))] + [(2, 1)] * 4                     # batch 1: prefill, 4 steps
+                     + [(1, rests[2])] + [(1, 1)] * 4)                          # batch 2
