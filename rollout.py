@@ -14,6 +14,13 @@ revised. Generation is a small hand-written sampling loop with a KV cache and le
 under the sampling distribution, the exact token ids the agent was conditioned on (so training never re-tokenises),
 and per-sequence early stopping for the feedback agent.
 
+Engineering that changes no number: every context of an agent starts with the same system prompt (~240 tokens for the
+feedback agent, most of its context). Its keys/values are computed once per rollout() call (the adapters change
+between training iterations) or once per process at inference (infer.py), and every batch starts from a copy of
+them: layout [shared prefix | left padding | rest of each context]. The sampled tokens and their log-probs are those
+of the plain path (tests/test_prefix_cache.py). One batch holds every row of a training iteration when it fits
+(RolloutConfig.batch_size): a decoding step reads all the weights whatever the batch, so more rows cost little more.
+
 Our choices where the paper is silent or we go beyond it:
 - System prompts: the paper does not publish its prompts; ours are below (they are part of the method).
 - The feedback JSON puts the two labels FIRST and its opening `{"unsafe":` is prefilled into the context. Labels
@@ -223,7 +230,7 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
     with_cache = {cache_keyword(model): batch_cache(model, prefix, batch)}  # every step extends it in place
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **with_cache)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature > 0:
             step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
@@ -254,8 +261,8 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
                         done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
                 if not done[row] and feedback_object_closed(text):
                     done[row] = True  # whatever follows the closing brace is never read
-        if all(done):
-            break
+        if all(done) or step == max_new_tokens - 1:
+            break  # (no forward for a token that will not be sampled)
         # Finished rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
         tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
