@@ -217,7 +217,8 @@ def bench_latency(model, tokenizer, prompts, max_new_tokens, repeats, arms_confi
 
 def print_throughput(results, max_new_tokens, feedback_max_new_tokens):
     print(f"\n## Throughput: two-agent rollout vs conversation agent alone, prefix cache on and off (conversation "
-          f"max_new_tokens={max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, same seed)")
+          f"max_new_tokens={max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, "
+          f"same seed)")
     head = (f"{'batch':>5} | {'single tok/s':>12} | {'two-agent tok/s':>15} | {'tok/s ratio':>11} | "
             f"{'time ratio':>10} | {'no-cache tok/s':>14} | {'cache speedup':>13} | {'tokens c0/fb/rev':>17} | "
             f"{'FTR':>5} | {'same c0':>7} | {'same no-cache':>13}")
@@ -257,7 +258,8 @@ def print_latency(result, max_new_tokens, feedback_max_new_tokens, ok_tokens, ta
               f"{statistics.mean(d['revision_s']):>10.2f}")
     c0_tokens = statistics.mean(len(c) for c in detail["alone"]["c0"])
     same = sum(len({tuple(c) for c in cs}) == 1 for cs in zip(*(detail[arm]["c0"] for arm in per_arm)))
-    print(f"ratio = median latency / median latency of 'alone' ('alone/nocache' for the /nocache arm); per-prompt ratio = median over prompts of each "
+    print(f"ratio = median latency / median latency of 'alone' ('alone/nocache' for the /nocache arm); per-prompt "
+          f"ratio = median over prompts of each "
           f"prompt's ratio; fb tokens, fb s, FTR and revision s are means per prompt (fb s / revision s: wall time of "
           f"the feedback turn / of the revision). c_0: {c0_tokens:.1f} tokens on average, identical in all arms for "
           f"{same}/{n} prompts.")
