@@ -20,6 +20,7 @@ Our choices and simplifications:
   Judge calls made by the oracle systems are not counted (an oracle is free by assumption).
 - --limit keeps prompts round-robin over categories so that a short run still covers every category.
 """
+import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import argparse
 import hashlib
 import json

@@ -15,12 +15,14 @@ The two agents are one base model with two LoRA adapters (models.py); without --
 adapters, i.e. the untrained model prompted with the two system prompts of rollout.py. One trajectory is exactly
 rollout.rollout with greedy decoding by default. The feedback agent writes its two labels first, so with
 early_stop_ok (on by default) it stops decoding as soon as both labels are false: an "ok" costs ~10 tokens instead
-of a full JSON object. --measure-overhead quantifies that.
+of a full JSON object. --measure-overhead quantifies that. The two system prompts are run once per process and their
+keys/values reused by every prompt (rollout.shared_prefix): each turn reads only its own request and answer.
 
 Simplifications: every chat message is answered on its own (the agents see no earlier turns of the session;
 rollout.py's trajectories are single-prompt). Latency is the generation time of the agents (tokenising and
 parsing are negligible); with --batch-size > 1 each prompt is charged its share of its batch's wall time.
 """
+import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import argparse
 import statistics
 import sys
@@ -73,12 +75,18 @@ def reply_from_trajectory(traj: Trajectory) -> Reply:
                  feedback_tokens=sum(len(t.action_ids) for t in traj.feedbacks))
 
 
-def answer_prompts(model, tokenizer, prompts: list, config: RolloutConfig, use_feedback: bool = True) -> list:
+def answer_prompts(model, tokenizer, prompts: list, config: RolloutConfig, use_feedback: bool = True,
+                   prefix_cache: dict | None = None) -> list:
     """Answer prompt strings; with use_feedback the feedback agent checks each answer (rollout.rollout), else the
-    conversation agent answers alone. Returns one Reply per prompt."""
+    conversation agent answers alone. Returns one Reply per prompt.
+
+    prefix_cache: the caller's dict of system-prompt keys/values (rollout.shared_prefix). Pass the same dict to every
+    call of a process whose adapters do not change: each agent's system prompt is then run once per process instead
+    of once per call (it is most of the feedback agent's context)."""
     records = [{"id": f"prompt-{i}", "prompt": p, "label": "benign", "category": ""} for i, p in enumerate(prompts)]
     # max_rounds = 0 is the conversation agent alone: rollout() then stops after the first answers.
-    trajectories = rollout(model, tokenizer, records, config if use_feedback else replace(config, max_rounds=0))
+    trajectories = rollout(model, tokenizer, records, config if use_feedback else replace(config, max_rounds=0),
+                           prefix_cache)
     return [reply_from_trajectory(t) for t in trajectories]
 
 
@@ -141,19 +149,21 @@ def measure_overhead(model, tokenizer, prompts: list, config: RolloutConfig) -> 
     """Median wall time per prompt (batch 1) of three deployments on the same prompts: the conversation agent alone,
     both agents with early stopping of 'ok' feedback, both agents without it. Greedy decoding makes c_0 identical in
     all three, so the differences are the feedback turn and any revision. Modes are interleaved per prompt (and their
-    order rotated) so that a machine slowing down mid-run does not bias one mode."""
+    order rotated) so that a machine slowing down mid-run does not bias one mode. All modes share one prefix cache,
+    as a deployed process does (its system prompts are run once, in the warm-up)."""
+    prefix_cache = {}
     modes = {"conversation agent alone": (False, config),
              "with feedback agent, early stop": (True, replace(config, early_stop_ok=True)),
              "with feedback agent, no early stop": (True, replace(config, early_stop_ok=False))}
     names = list(modes)
     warm_up = replace(config, conversation_max_new_tokens=4, feedback_max_new_tokens=4)
-    answer_prompts(model, tokenizer, prompts[:1], warm_up)  # first calls pay one-off allocation costs
+    answer_prompts(model, tokenizer, prompts[:1], warm_up, True, prefix_cache)  # one-off costs: allocation, prefix
     results = {name: {"seconds": [], "tokens": [], "triggered": []} for name in names}
     for i, prompt in enumerate(prompts):
         for name in names[i % 3:] + names[:i % 3]:
             use_feedback, mode_config = modes[name]
             began = time.perf_counter()
-            reply = answer_prompts(model, tokenizer, [prompt], mode_config, use_feedback)[0]
+            reply = answer_prompts(model, tokenizer, [prompt], mode_config, use_feedback, prefix_cache)[0]
             results[name]["seconds"].append(time.perf_counter() - began)
             results[name]["tokens"].append(reply.tokens)
             results[name]["triggered"].append(reply.triggered)
@@ -178,7 +188,7 @@ def format_overhead(summary: dict, n: int) -> str:
     return "\n".join(lines)
 
 
-def interactive(model, tokenizer, config, use_feedback, show_feedback, session) -> None:
+def interactive(model, tokenizer, config, use_feedback, show_feedback, session, prefix_cache=None) -> None:
     print("Chat with the WaltzRL agents (each message is answered on its own). Ctrl-D or Ctrl-C to quit.")
     while True:
         try:
@@ -188,7 +198,7 @@ def interactive(model, tokenizer, config, use_feedback, show_feedback, session) 
             return
         if not prompt:
             continue
-        reply = answer_prompts(model, tokenizer, [prompt], config, use_feedback)[0]
+        reply = answer_prompts(model, tokenizer, [prompt], config, use_feedback, prefix_cache)[0]
         session.add(reply)
         print("assistant> " + format_reply(reply, show_feedback, use_feedback))
 
@@ -303,13 +313,15 @@ def main(argv=None) -> int:
     use_feedback = not args.no_feedback
     model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
     session = Session()
+    prefix_cache = {}  # the agents' system-prompt keys/values, computed once for this process (adapters are fixed)
     try:
         if prompts is None:
-            interactive(model, tokenizer, config, use_feedback, args.show_feedback, session)
+            interactive(model, tokenizer, config, use_feedback, args.show_feedback, session, prefix_cache)
         else:
             for start in range(0, len(prompts), args.batch_size):
                 chunk = prompts[start:start + args.batch_size]
-                for prompt, reply in zip(chunk, answer_prompts(model, tokenizer, chunk, config, use_feedback)):
+                replies = answer_prompts(model, tokenizer, chunk, config, use_feedback, prefix_cache)
+                for prompt, reply in zip(chunk, replies):
                     session.add(reply)
                     print(f">>> {prompt}\n{format_reply(reply, args.show_feedback, use_feedback)}\n", flush=True)
     except KeyboardInterrupt:

@@ -14,6 +14,13 @@ revised. Generation is a small hand-written sampling loop with a KV cache and le
 under the sampling distribution, the exact token ids the agent was conditioned on (so training never re-tokenises),
 and per-sequence early stopping for the feedback agent.
 
+Engineering that changes no number: every context of an agent starts with the same system prompt (~240 tokens for the
+feedback agent, most of its context). Its keys/values are computed once per rollout() call (the adapters change
+between training iterations) or once per process at inference (infer.py), and every batch starts from a copy of
+them: layout [shared prefix | left padding | rest of each context]. The sampled tokens and their log-probs are those
+of the plain path (tests/test_prefix_cache.py). One batch holds every row of a training iteration when it fits
+(RolloutConfig.batch_size): a decoding step reads all the weights whatever the batch, so more rows cost little more.
+
 Our choices where the paper is silent or we go beyond it:
 - System prompts: the paper does not publish its prompts; ours are below (they are part of the method).
 - The feedback JSON puts the two labels FIRST and its opening `{"unsafe":` is prefilled into the context. Labels
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
-from models import use_agent
+from models import cache_keyword, use_agent
 from reward import Labels
 
 CONVERSATION_SYSTEM_PROMPT = (
@@ -65,6 +72,8 @@ REVISION_USER_TEMPLATE = (
 
 FEEDBACK_PREFILL = '{"unsafe":'
 
+SYSTEM_PROMPTS = {"conversation": CONVERSATION_SYSTEM_PROMPT, "feedback": FEEDBACK_SYSTEM_PROMPT}
+
 
 @dataclass
 class RolloutConfig:
@@ -75,7 +84,8 @@ class RolloutConfig:
     feedback_temperature: float = 1.0  # sampling temperature of the feedback agent (0 = greedy)
     feedback_prefill: bool = True  # prefill '{"unsafe":' so the feedback agent starts inside the JSON object
     early_stop_ok: bool = True  # stop the feedback agent once it has written unsafe=false and overrefuse=false
-    batch_size: int = 16  # prompts generated together (lower it if memory runs out)
+    batch_size: int = 64  # contexts generated together (lower it if memory runs out)
+    share_prefix: bool = True  # compute each agent's system prompt KV once per rollout() call, not once per row
 
 
 @dataclass
@@ -115,40 +125,114 @@ def stop_token_ids(model, tokenizer) -> set:
     return {i for i in ids if i is not None}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared-prefix KV cache: every context of an agent starts with the same system prompt
+# ---------------------------------------------------------------------------------------------------------------------
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common start is not worth a separate forward
+
+
+@dataclass
+class SharedPrefix:
+    """Token ids that every context of a batch starts with, and their keys/values under the active agent."""
+
+    ids: list
+    cache: object  # a transformers DynamicCache holding the KV of `ids` at batch size 1
+
+
+def common_prefix_length(sequences) -> int:
+    """How many leading tokens all sequences share."""
+    shortest, length = min(len(s) for s in sequences), 0
+    while length < shortest and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def system_prefix_ids(tokenizer, system_prompt: str) -> list:
+    """The chat-template tokens before the user's text: the system message and the header of the user turn. Found as
+    the common start of two chats that differ only in the user's text, so it holds for any chat template."""
+    system = {"role": "system", "content": system_prompt}
+    first, second = (chat_ids(tokenizer, [system, {"role": "user", "content": text}]) for text in ("A", "B"))
+    return first[:common_prefix_length([first, second])]
+
+
+@torch.no_grad()
+def prefix_kv(model, ids) -> SharedPrefix:
+    """Run `ids` through the model once (the active adapter applies) and keep their keys/values."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)  # the forward fills it in place
+    device = next(model.parameters()).device
+    model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
+          **{cache_keyword(model): cache})
+    return SharedPrefix(list(ids), cache)
+
+
+def shared_prefix(model, tokenizer, agent, contexts, prefix_cache: dict):
+    """The part of `agent`'s system prompt that all `contexts` start with, as a SharedPrefix: taken from prefix_cache,
+    or computed once and stored there under (agent, ids). None when that part is too short to be worth it.
+
+    The keys/values depend on the adapter weights: a prefix_cache may only live while they do not change (one
+    rollout() call in training; a whole process at inference with fixed adapters). At least one token of every
+    context stays outside the prefix: the first forward needs it to produce the next-token logits."""
+    reference = system_prefix_ids(tokenizer, SYSTEM_PROMPTS[agent])
+    length = min(common_prefix_length([reference] + list(contexts)), min(len(c) for c in contexts) - 1)
+    if length < MIN_SHARED_PREFIX:
+        return None
+    key = (agent, tuple(reference[:length]))
+    if key not in prefix_cache:
+        prefix_cache[key] = prefix_kv(model, reference[:length])
+    return prefix_cache[key]
+
+
+def batch_cache(model, prefix, batch: int):
+    """A fresh KV cache for `batch` rows, holding the shared prefix's keys/values in every row (empty without one)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if prefix is not None:
+        for index, layer in enumerate(prefix.cache.layers):
+            if layer.is_initialized:  # expand is a view; the cache's first update copies it into [batch, ...] tensors
+                cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
+    return cache
+
+
 @torch.no_grad()
 def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
-           feedback_json=False, early_stop_ok=False):
+           feedback_json=False, early_stop_ok=False, prefix=None):
     """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
 
     feedback_json: the action is the feedback agent's JSON (after prefix_texts): stop a row when its object closes,
     and, with early_stop_ok, as soon as both labels are written and false.
+    prefix: a SharedPrefix that every context starts with; its keys/values are reused instead of recomputed.
 
-    Left padding puts every context's last token in the same column, so one forward step extends all sequences;
-    position ids are counted from each sequence's first real token so padding does not shift positions.
+    Layout: [shared prefix | left padding | rest of each context]. Left padding puts every context's last token in the
+    same column, so one forward step extends all sequences; the attention mask is 0 on the padding and position ids
+    are the mask's running count, so every row's positions are contiguous (0, 1, 2, ...) as if it were alone.
     """
-    from transformers import DynamicCache
-
-    from models import cache_keyword
-
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     stops = stop_token_ids(model, tokenizer)
-    batch, longest = len(contexts), max(len(c) for c in contexts)
+    start = len(prefix.ids) if prefix is not None else 0
+    if prefix is not None and any(ctx[:start] != prefix.ids or len(ctx) == start for ctx in contexts):
+        raise ValueError("sample: every context must start with prefix.ids and go on after it")
+    rests = [ctx[start:] for ctx in contexts]
+    batch, longest = len(rests), max(len(r) for r in rests)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((batch, longest), dtype=torch.long, device=device)
-    for row, ctx in enumerate(contexts):
-        input_ids[row, longest - len(ctx):] = torch.tensor(ctx, device=device)
-        attention_mask[row, longest - len(ctx):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    attention_mask = torch.zeros((batch, start + longest), dtype=torch.long, device=device)
+    attention_mask[:, :start] = 1
+    for row, rest in enumerate(rests):
+        input_ids[row, longest - len(rest):] = torch.tensor(rest, device=device)
+        attention_mask[row, start + longest - len(rest):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
 
     actions = [[] for _ in range(batch)]
     logprobs = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = [False] * batch
     labels_decided = [False] * batch  # early stop: the two labels have been read for this row
-    with_cache = {cache_keyword(model): DynamicCache(config=model.config)}  # every step extends it in place
+    with_cache = {cache_keyword(model): batch_cache(model, prefix, batch)}  # every step extends it in place
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **with_cache)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         if temperature > 0:
             step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
@@ -162,10 +246,12 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
             step_logprobs = torch.log_softmax(logits, dim=-1)
             tokens = logits.argmax(-1)
         token_logprobs = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-        for row in (~done).nonzero().flatten().tolist():
-            token = tokens[row].item()
+        # One device-to-host copy per step for the whole batch (not two per row).
+        for row, (token, token_logprob) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+            if done[row]:
+                continue
             actions[row].append(token)
-            logprobs[row].append(token_logprobs[row].item())
+            logprobs[row].append(token_logprob)
             if token in stops:
                 done[row] = True
             elif feedback_json:
@@ -177,14 +263,15 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
                         done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
                 if not done[row] and feedback_object_closed(text):
                     done[row] = True  # whatever follows the closing brace is never read
-        if done.all():
-            break
-        tokens = tokens.masked_fill(done, pad_id)  # finished rows keep stepping (cheaper than reshaping the cache)
+        if all(done) or step == max_new_tokens - 1:
+            break  # (no forward for a token that will not be sampled)
+        # Finished rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
+        tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **with_cache)
-    truncated = [not done[row].item() for row in range(batch)]
+    truncated = [not finished for finished in done]
     # An early-stopped feedback turn counts as finished, not truncated.
     return actions, logprobs, truncated
 
@@ -280,16 +367,21 @@ def feedback_messages(prompt: str, answer: str) -> list:
             {"role": "user", "content": FEEDBACK_USER_TEMPLATE.format(prompt=prompt, answer=answer)}]
 
 
-def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill=""):
-    """Generate one turn for every context with the given agent, in batches; returns a list of Turn."""
+def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill="", prefix_cache=None):
+    """Generate one turn for every context with the given agent, in batches; returns a list of Turn.
+
+    With config.share_prefix the agent's system prompt is run once and its keys/values reused by every batch: stored in
+    prefix_cache when one is given (see shared_prefix for how long it may live), else for this call only."""
     use_agent(model, agent)
+    prefix_cache = {} if prefix_cache is None else prefix_cache
     turns = []
     for start in range(0, len(contexts), config.batch_size):
         chunk = contexts[start:start + config.batch_size]
         began = time.perf_counter()
+        prefix = shared_prefix(model, tokenizer, agent, chunk, prefix_cache) if config.share_prefix else None
         actions, logprobs, truncated = sample(
-            model, tokenizer, chunk, max_new_tokens, temperature,
-            prefix_texts=[prefill] * len(chunk), feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok)
+            model, tokenizer, chunk, max_new_tokens, temperature, prefix_texts=[prefill] * len(chunk),
+            feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok, prefix=prefix)
         seconds = (time.perf_counter() - began) / len(chunk)
         for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
             text = prefill + tokenizer.decode(action, skip_special_tokens=True)
@@ -297,14 +389,18 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
     return turns
 
 
-def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig()):
-    """Run WaltzRL trajectories for a list of prompt records; returns one Trajectory per prompt."""
+def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig(), prefix_cache=None):
+    """Run WaltzRL trajectories for a list of prompt records; returns one Trajectory per prompt.
+
+    Each agent's system prompt KV is computed once for the whole call (all batches, the revisions included) and kept
+    in prefix_cache: pass a dict that outlives the call only while the adapter weights stay the same (inference)."""
     was_training = model.training
     model.eval()
+    prefix_cache = {} if prefix_cache is None else prefix_cache
     trajectories = [Trajectory(prompt=p) for p in prompts]
     contexts = [chat_ids(tokenizer, conversation_messages(t)) for t in trajectories]
     answers = run_agent(model, tokenizer, "conversation", contexts, config.conversation_max_new_tokens,
-                        config.conversation_temperature, config)
+                        config.conversation_temperature, config, prefix_cache=prefix_cache)
     for traj, answer in zip(trajectories, answers):
         traj.answers.append(answer)
 
@@ -314,7 +410,7 @@ def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig()):
         contexts = [chat_ids(tokenizer, feedback_messages(t.prompt["prompt"], t.answers[-1].text), prefill)
                     for t in active]
         feedbacks = run_agent(model, tokenizer, "feedback", contexts, config.feedback_max_new_tokens,
-                              config.feedback_temperature, config, prefill)
+                              config.feedback_temperature, config, prefill, prefix_cache)
         flagged = []
         for traj, turn in zip(active, feedbacks):
             parsed = parse_feedback(turn.text)
@@ -326,7 +422,7 @@ def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig()):
             break
         contexts = [chat_ids(tokenizer, conversation_messages(t)) for t in flagged]
         revisions = run_agent(model, tokenizer, "conversation", contexts, config.conversation_max_new_tokens,
-                              config.conversation_temperature, config)
+                              config.conversation_temperature, config, prefix_cache=prefix_cache)
         for traj, revision in zip(flagged, revisions):
             traj.answers.append(revision)
         active = flagged

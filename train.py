@@ -39,6 +39,7 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
 - Shared-prefix forward (engineering, same numbers): the system prompt common to a micro-batch runs once and its
   keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
 """
+import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import json
 import math
 import os
@@ -90,7 +91,7 @@ class Args:
     temperature: float = 1.0  # sampling temperature of both agents during training
     feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
     early_stop_ok: bool = True  # stop feedback decoding once both labels are false
-    rollout_batch_size: int = 16  # sequences generated together
+    rollout_batch_size: int = 64  # sequences generated together (one batch per iteration if they fit in memory)
     # --- rewards (coefficients are not published; our defaults live in reward.py, see docs/method.md)
     alpha: float = DEFAULT_ALPHA  # weight of the gated Dynamic Improvement Reward R_dir * R_label
     lam: float = LAMBDA_STAGE1  # weight of the label reward in stage 1

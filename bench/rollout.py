@@ -1,57 +1,63 @@
-"""Benchmark: what the feedback agent costs at generation time (rollout.py), measured against one agent alone.
+"""Benchmark: what generation costs (rollout.py), and what the feedback agent adds to it, in one run.
 
 WaltzRL (arXiv 2510.08240; docs/method.md "Rollout" and "Inference") adds a second agent that reads every answer, so
-each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. This script measures two things,
-always against a baseline measured back-to-back in the same process, because the machine may be shared and
-absolute numbers drift; the ratios are what to read.
+each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. Every comparison below is measured
+back-to-back in the same process, because the machine may be shared and absolute numbers drift: read the ratios.
+Four parts (--parts picks some):
 
-1. Throughput (training-style rollouts). For each batch size B: tokens/s of `rollout.rollout` (default
-   RolloutConfig: sampling at temperature 1, T_max = 1, early stop on; only the token limits are set by flags)
-   against `rollout.sample` with the conversation agent alone on the same contexts with the same token limit.
-   Generated tokens are counted from the Turn records (c_0 + f_0 + c_1 of every trajectory). Both arms start from
-   the same seed, so the single-agent answers are exactly the rollout's c_0 (checked and printed).
-   Finished rows keep stepping until the whole batch is done (rollout.sample), so tokens/s counts useful tokens.
-2. Latency on everyday prompts (category "everyday", eval split; what a deployed system mostly sees): per-prompt
-   wall time at batch 1, greedy decoding for both agents, of
+1. step: one decoding step of rollout.sample against a bare model forward of the same shape (the sampler's own
+   overhead), a preallocated StaticCache against the DynamicCache, and tokens/s against the batch size: where the
+   step stops being bound by reading the weights (bench/decode_step.py has the details).
+2. throughput (training-style rollouts). For each batch size B: tokens/s of `rollout.rollout` (default
+   RolloutConfig: sampling at temperature 1, T_max = 1, early stop on, shared-prefix cache on; only the token limits
+   are set by flags) against `rollout.run_agent` with the conversation agent alone on the same contexts, and the same
+   rollout with the shared-prefix cache off (RolloutConfig(share_prefix=False)). Generated tokens are counted from
+   the Turn records (c_0 + f_0 + c_1). All arms start from the same seed, so the single-agent answers are exactly the
+   rollout's c_0, and the rollout without the cache samples exactly the same tokens (both checked and printed).
+3. latency on everyday prompts (category "everyday", eval split; what a deployed system mostly sees): per-prompt
+   wall time at batch 1, greedy decoding for both agents, with one prefix cache for the whole run as infer.py keeps
+   one per process, of
        alone        conversation agent only (RolloutConfig(max_rounds=0))
        fb+early     conversation + feedback, early_stop_ok on (decoding stops once both labels are false)
        fb+full      conversation + feedback, early_stop_ok off (the feedback agent writes its whole JSON)
        fb+ok-floor  conversation + a feedback turn cut after the tokens of ' false, "overrefuse": false': what an
                     agent that approves the answer costs with early stop (the floor of the protocol)
-   The arms are interleaved per prompt and repeat; we report the median over prompts of each prompt's median
-   latency, the ratio to "alone" and the overhead in %, against the target of at most 15%.
+   and, without the prefix cache, alone/nocache and fb+ok-floor/nocache (what the cache saves per prompt). The arms
+   are interleaved per prompt and repeat; we report the median over prompts of each prompt's median latency, the
+   ratio to "alone" (to "alone/nocache" for the nocache arm) and the overhead in %, against the target of <= 15%.
    Greedy decoding makes c_0 identical in all arms, so the difference is the feedback agent (+ revisions).
 
 By default the adapters are untrained (zero), so both agents are the base model; --adapters measures a trained pair.
 The untrained 135M feedback agent rarely says "ok" to anything, so early stop rarely fires and it decodes up to its
 limit; a trained agent that approves everyday answers (the paper's FTR on AlpacaEval is 6.7%) approaches fb+ok-floor.
 
-Defaults are sized for about 5-6 minutes on an idle 2-core CPU with the default model (batches 1,4,8; one decode step
-of the 135M model takes ~0.12 s at batch 1 there). The batch sizes 1,8,32 of our spec take ~15 minutes:
---batches 1,8,32. On a shared machine with more busy processes than cores, --threads 1 is much faster than torch's
-default (OpenMP threads wait for each other), and the ratios stay comparable because both arms run back-to-back.
+Defaults are sized for about 5 minutes on an idle 2-core CPU with the default model. The bigger grid (batches up to 64
+for both agents, up to 128 for the step) takes far longer:
 
     HF_HUB_OFFLINE=1 python bench/rollout.py
-    HF_HUB_OFFLINE=1 python bench/rollout.py --batches 1,8,32 --max-new-tokens 64 --n-prompts 8 --latency-repeats 2
+    HF_HUB_OFFLINE=1 python bench/rollout.py --step-batches 1,2,4,8,16,32,64,128 --batches 1,8,32,64 --n-prompts 8
 """
 import argparse
 import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 # Run as `python bench/rollout.py`, sys.path[0] is bench/, where THIS file would shadow the project's rollout.py.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+import cpu_threads  # noqa: E402, F401  (before torch: the project's OpenMP defaults, as train.py and infer.py)
 import torch  # noqa: E402
 
+from bench.decode_step import bench_steps, feedback_context, print_steps  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
 from data import load_prompts  # noqa: E402
 from feedback_parser import labels_prefix_complete  # noqa: E402
-from models import DEFAULT_MODEL, load_agents_or_fresh, use_agent  # noqa: E402
+from models import DEFAULT_MODEL, load_agents_or_fresh  # noqa: E402
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
-                     rollout, sample)
+                     rollout, run_agent)
 
 
 def warn_if_busy():
@@ -86,7 +92,8 @@ def turn_tokens(trajectories) -> dict:
 
 
 def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_max_new_tokens, repeats, seed) -> dict:
-    """Per repeat: single-agent generation then the two-agent rollout (order alternated), same seed, same contexts."""
+    """Per repeat: the conversation agent alone, the two-agent rollout, and the rollout without the shared-prefix
+    cache (order rotated), from the same seed on the same prompts."""
     config = RolloutConfig(conversation_max_new_tokens=max_new_tokens, feedback_max_new_tokens=feedback_max_new_tokens,
                            batch_size=batch)
     chosen = prompts[:batch]
@@ -97,25 +104,30 @@ def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_
 
         def single():
             torch.manual_seed(seed + r)
-            use_agent(model, "conversation")
             began = time.perf_counter()
-            actions, _, _ = sample(model, tokenizer, contexts, max_new_tokens, config.conversation_temperature)
+            answers = run_agent(model, tokenizer, "conversation", contexts, max_new_tokens,
+                                config.conversation_temperature, config)
             run["single_s"] = time.perf_counter() - began
-            run["single_tokens"] = sum(len(a) for a in actions)
-            run["actions"] = actions
+            run["single_tokens"] = sum(len(a.action_ids) for a in answers)
+            run["actions"] = [a.action_ids for a in answers]
 
-        def two_agent():
+        def two_agent(share_prefix=True):
             torch.manual_seed(seed + r)
             began = time.perf_counter()
-            trajectories = rollout(model, tokenizer, chosen, config)
-            run["two_s"] = time.perf_counter() - began
-            run["tokens"] = turn_tokens(trajectories)
-            run["revised"] = sum(t.revised for t in trajectories)
-            run["c0"] = [t.answers[0].action_ids for t in trajectories]
+            trajectories = rollout(model, tokenizer, chosen, replace(config, share_prefix=share_prefix))
+            key = "two" if share_prefix else "nocache"
+            run[f"{key}_s"] = time.perf_counter() - began
+            run[f"{key}_turns"] = [[t.action_ids for t in tr.answers + tr.feedbacks] for tr in trajectories]
+            if share_prefix:
+                run["tokens"] = turn_tokens(trajectories)
+                run["revised"] = sum(t.revised for t in trajectories)
+                run["c0"] = [t.answers[0].action_ids for t in trajectories]
 
-        for arm in ((single, two_agent) if r % 2 == 0 else (two_agent, single)):
+        arms = [single, two_agent, lambda: two_agent(share_prefix=False)]
+        for arm in arms[r % 3:] + arms[:r % 3]:
             arm()
         run["same_c0"] = sum(a == b for a, b in zip(run.pop("actions"), run.pop("c0")))
+        run["same_nocache"] = sum(a == b for a, b in zip(run.pop("two_turns"), run.pop("nocache_turns")))
         runs.append(run)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     two_tok = [sum(x["tokens"].values()) for x in runs]
@@ -123,11 +135,14 @@ def bench_throughput(model, tokenizer, prompts, batch, max_new_tokens, feedback_
         "batch": batch,
         "single_tps": med([x["single_tokens"] / x["single_s"] for x in runs]),
         "two_tps": med([t / x["two_s"] for t, x in zip(two_tok, runs)]),
+        "nocache_tps": med([t / x["nocache_s"] for t, x in zip(two_tok, runs)]),
         "tps_ratio": med([(t / x["two_s"]) / (x["single_tokens"] / x["single_s"]) for t, x in zip(two_tok, runs)]),
         "time_ratio": med([x["two_s"] / x["single_s"] for x in runs]),
+        "cache_speedup": med([x["nocache_s"] / x["two_s"] for x in runs]),
         "tokens": {k: med([x["tokens"][k] for x in runs]) for k in ("c0", "feedback", "revision")},
         "ftr": med([x["revised"] / batch for x in runs]),
         "same_c0": min(x["same_c0"] for x in runs),
+        "same_nocache": min(x["same_nocache"] for x in runs),
     }
 
 
@@ -150,24 +165,38 @@ def latency_arms(ok_tokens, feedback_max_new_tokens) -> dict:
         # early-stop. Emulated by cutting decoding at exactly that many tokens; a cut-off output never parses as a
         # flag, so no revision follows. This is the floor the early stop can reach, whatever the agent says.
         "fb+ok-floor": {"max_rounds": 1, "early_stop_ok": True, "feedback_max_new_tokens": ok_tokens},
+        # The same two deployments with every system prompt recomputed for every prompt (no prefix cache).
+        "alone/nocache": {"max_rounds": 0, "share_prefix": False},
+        "fb+ok-floor/nocache": {"max_rounds": 1, "early_stop_ok": True, "feedback_max_new_tokens": ok_tokens,
+                                "share_prefix": False},
     }
 
 
+def baseline_arm(arm: str) -> str:
+    """The arm an arm's overhead is measured against: the conversation agent alone, with the same prefix caching."""
+    return "alone/nocache" if arm.endswith("/nocache") else "alone"
+
+
 def bench_latency(model, tokenizer, prompts, max_new_tokens, repeats, arms_config) -> dict:
-    """Per-prompt latency of each arm (median over repeats), the arms interleaved so load drift hits all alike."""
+    """Per-prompt latency of each arm (median over repeats), the arms interleaved so load drift hits all alike. One
+    prefix cache serves the whole run, as in infer.py; it is filled before the first timed call."""
+    prefix_cache = {}
+    rollout(model, tokenizer, prompts[:1], RolloutConfig(conversation_max_new_tokens=1, feedback_max_new_tokens=1,
+                                                         batch_size=1), prefix_cache)
     per_arm = {arm: [] for arm in arms_config}
     detail = {arm: {"feedback_tokens": [], "revised": [], "feedback_s": [], "revision_s": [], "c0": [],
                     "verdict": [], "feedback_context": [], "conversation_context": []} for arm in arms_config}
-    for prompt in prompts:
+    names = list(arms_config)
+    for i, prompt in enumerate(prompts):
         seconds = {arm: [] for arm in arms_config}
         generated = {}  # greedy: every repeat generates the same tokens, so keep the first repeat's trajectory
         for r in range(repeats):
-            arms = list(arms_config) if r % 2 == 0 else list(reversed(arms_config))
-            for arm in arms:
+            shift = (i + r) % len(names)  # rotate the order over prompts and repeats
+            for arm in names[shift:] + names[:shift]:
                 config = RolloutConfig(conversation_max_new_tokens=max_new_tokens, conversation_temperature=0.0,
                                        feedback_temperature=0.0, batch_size=1, **arms_config[arm])
                 began = time.perf_counter()
-                (traj,) = rollout(model, tokenizer, [prompt], config)
+                (traj,) = rollout(model, tokenizer, [prompt], config, prefix_cache)
                 seconds[arm].append(time.perf_counter() - began)
                 generated.setdefault(arm, traj)
         for arm, traj in generated.items():
@@ -187,19 +216,24 @@ def bench_latency(model, tokenizer, prompts, max_new_tokens, repeats, arms_confi
 
 
 def print_throughput(results, max_new_tokens, feedback_max_new_tokens):
-    print(f"\n## Throughput: two-agent rollout vs conversation agent alone (conversation max_new_tokens="
-          f"{max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, same seed)")
+    print(f"\n## Throughput: two-agent rollout vs conversation agent alone, prefix cache on and off (conversation "
+          f"max_new_tokens={max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, "
+          f"same seed)")
     head = (f"{'batch':>5} | {'single tok/s':>12} | {'two-agent tok/s':>15} | {'tok/s ratio':>11} | "
-            f"{'time ratio':>10} | {'tokens c0/fb/rev':>17} | {'FTR':>5} | {'same c0':>7}")
+            f"{'time ratio':>10} | {'no-cache tok/s':>14} | {'cache speedup':>13} | {'tokens c0/fb/rev':>17} | "
+            f"{'FTR':>5} | {'same c0':>7} | {'same no-cache':>13}")
     print(head + "\n" + "-" * len(head))
     for x in results:
         t = x["tokens"]
         print(f"{x['batch']:>5} | {x['single_tps']:>12.1f} | {x['two_tps']:>15.1f} | {x['tps_ratio']:>11.2f} | "
-              f"{x['time_ratio']:>10.2f} | {t['c0']:>5.0f}/{t['feedback']:>5.0f}/{t['revision']:>5.0f} | "
-              f"{x['ftr']:>5.2f} | {x['same_c0']:>3}/{x['batch']:<3}")
-    print("tok/s ratio = two-agent tokens/s / single-agent tokens/s; time ratio = two-agent wall time / single-agent "
-          "wall time (the cost of adding feedback + revisions); medians over repeats. same c0 = rollout answers c_0 "
-          "identical to the single-agent answers (worst repeat).")
+              f"{x['time_ratio']:>10.2f} | {x['nocache_tps']:>14.1f} | {x['cache_speedup']:>13.2f} | "
+              f"{t['c0']:>5.0f}/{t['feedback']:>5.0f}/{t['revision']:>5.0f} | {x['ftr']:>5.2f} | "
+              f"{x['same_c0']:>3}/{x['batch']:<3} | {x['same_nocache']:>6}/{x['batch']:<6}")
+    print("tok/s ratio = two-agent tokens/s / single-agent tokens/s (target >= 0.9 at batch 8 and 32); time ratio = "
+          "two-agent wall time / single-agent wall time (the cost of adding feedback + revisions); cache speedup = "
+          "rollout wall time without the shared-prefix cache / with it; medians over repeats. same c0 = rollout "
+          "answers c_0 identical to the single-agent answers; same no-cache = trajectories whose every turn has the "
+          "same tokens with and without the cache (worst repeat; both should be the whole batch).")
 
 
 def print_latency(result, max_new_tokens, feedback_max_new_tokens, ok_tokens, target=0.15):
@@ -208,49 +242,66 @@ def print_latency(result, max_new_tokens, feedback_max_new_tokens, ok_tokens, ta
     base = statistics.median(per_arm["alone"])
     print(f"\n## Latency on everyday prompts: {n} prompts, batch 1, greedy, conversation max_new_tokens="
           f"{max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens} ({ok_tokens} for fb+ok-floor)")
-    head = (f"{'arm':>11} | {'median s':>8} | {'ratio':>5} | {'overhead':>8} | {'per-prompt ratio':>16} | "
+    head = (f"{'arm':>19} | {'median s':>8} | {'ratio':>5} | {'overhead':>8} | {'per-prompt ratio':>16} | "
             f"{'fb tokens':>9} | {'fb s':>5} | {'FTR':>4} | {'revision s':>10}")
     print(head + "\n" + "-" * len(head))
     verdicts = {}
     for arm, secs in per_arm.items():
         d = detail[arm]
-        ratio = statistics.median(secs) / base
-        per_prompt = statistics.median([s / b for s, b in zip(secs, per_arm["alone"])])
+        baseline = per_arm[baseline_arm(arm)]
+        ratio = statistics.median(secs) / statistics.median(baseline)
+        per_prompt = statistics.median([s / b for s, b in zip(secs, baseline)])
         verdicts[arm] = ratio - 1.0
-        print(f"{arm:>11} | {statistics.median(secs):>8.2f} | {ratio:>5.2f} | {100 * (ratio - 1):>7.1f}% | "
+        print(f"{arm:>19} | {statistics.median(secs):>8.2f} | {ratio:>5.2f} | {100 * (ratio - 1):>7.1f}% | "
               f"{per_prompt:>16.2f} | {statistics.mean(d['feedback_tokens']):>9.1f} | "
               f"{statistics.mean(d['feedback_s']):>5.2f} | {statistics.mean(d['revised']):>4.2f} | "
               f"{statistics.mean(d['revision_s']):>10.2f}")
     c0_tokens = statistics.mean(len(c) for c in detail["alone"]["c0"])
     same = sum(len({tuple(c) for c in cs}) == 1 for cs in zip(*(detail[arm]["c0"] for arm in per_arm)))
-    print(f"ratio = median latency / median latency of 'alone'; per-prompt ratio = median over prompts of each "
+    print(f"ratio = median latency / median latency of 'alone' ('alone/nocache' for the /nocache arm); per-prompt "
+          f"ratio = median over prompts of each "
           f"prompt's ratio; fb tokens, fb s, FTR and revision s are means per prompt (fb s / revision s: wall time of "
           f"the feedback turn / of the revision). c_0: {c0_tokens:.1f} tokens on average, identical in all arms for "
           f"{same}/{n} prompts.")
     d = detail["fb+early"]
     print(f"Context lengths: the conversation agent reads {statistics.mean(d['conversation_context']):.0f} tokens, "
           f"the feedback agent {statistics.mean(d['feedback_context']):.0f} (its system prompt + request + answer).")
-    for arm in ("fb+early", "fb+full", "fb+ok-floor"):
+    for arm in ("fb+early", "fb+full", "fb+ok-floor", "fb+ok-floor/nocache"):
         overhead = verdicts[arm]
         met = "MET" if overhead <= target else "NOT MET"
-        d = detail[arm]
-        fb_share = statistics.mean(d["feedback_s"]) / base
-        rev_share = statistics.mean(d["revision_s"]) / base
+        d, baseline = detail[arm], baseline_arm(arm)
+        fb_share = statistics.mean(d["feedback_s"]) / statistics.median(per_arm[baseline])
+        rev_share = statistics.mean(d["revision_s"]) / statistics.median(per_arm[baseline])
         counts = ", ".join(f"{d['verdict'].count(v)} {v}" for v in ("ok", "flagged", "unparseable"))
         print(f"target overhead <= {100 * target:.0f}% with {arm}: {met} ({100 * overhead:.1f}%). The feedback turn "
-              f"adds {100 * fb_share:.1f}% of the median 'alone' latency (decoding "
+              f"adds {100 * fb_share:.1f}% of the median '{baseline}' latency (decoding "
               f"{statistics.mean(d['feedback_tokens']):.1f} tokens on average), revisions {100 * rev_share:.1f}% "
               f"(FTR {statistics.mean(d['revised']):.2f}); feedback verdicts: {counts}.")
     print("Early stop can only fire when the feedback agent writes both labels false ('ok'); fb+ok-floor is that best "
           "case, so its overhead is the floor of the protocol (reading the answer), not a measured agent behaviour.")
 
 
+def integers(parser, flag, text) -> list:
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"{flag} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Tokens/s of the two-agent WaltzRL rollout vs the conversation agent alone, and the feedback "
-                    "agent's latency overhead on everyday prompts. Ratios are measured back-to-back in one run.",
+        description="What generation costs: a decoding step vs a bare forward by batch size, tokens/s of the "
+                    "two-agent WaltzRL rollout vs the conversation agent alone with the shared-prefix cache on and "
+                    "off, and the feedback agent's latency overhead on everyday prompts. Ratios are measured "
+                    "back-to-back in one run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batches", default="1,4,8",
+    parser.add_argument("--step-batches", default="1,4,16,64",
+                        help="comma-separated batch sizes for the step part")
+    parser.add_argument("--step-steps", type=int, default=8, help="step part: timed decoding steps per measurement")
+    parser.add_argument("--batches", default="1,8",
                         help="comma-separated batch sizes (prompts generated together) for the throughput part")
     parser.add_argument("--repeats", type=int, default=2,
                         help="throughput: repeats per batch size (sampled, a new seed each); medians are reported")
@@ -269,24 +320,22 @@ def main(argv=None):
                         help="base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path")
     parser.add_argument("--prompts", default=os.path.join(REPO, "data", "prompts.jsonl"),
                         help="prompt file (data.py JSONL format); its eval split is used")
-    parser.add_argument("--parts", default="throughput,latency",
-                        help="which parts to run: throughput, latency or both (comma-separated)")
+    parser.add_argument("--parts", default="step,throughput,latency",
+                        help="which parts to run, comma-separated: step, throughput, latency")
     parser.add_argument("--seed", type=int, default=0, help="base random seed of the sampled throughput runs")
     parser.add_argument("--adapters", default=None,
                         help="trained adapters (train.py output, e.g. runs/waltzrl/adapters); default: untrained agents")
     args = parser.parse_args(argv)
 
-    try:
-        batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    batches, step_batches = (integers(parser, flag, getattr(args, flag[2:].replace("-", "_")))
+                             for flag in ("--batches", "--step-batches"))
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"throughput", "latency"}:
-        parser.error(f"--parts: expected 'throughput', 'latency' or both, got {args.parts!r}")
-    if min(batches, default=0) < 1 or min(args.repeats, args.latency_repeats, args.max_new_tokens,
-                                           args.feedback_max_new_tokens, args.n_prompts) < 1:
-        parser.error("--batches, --repeats, --latency-repeats, --max-new-tokens, --feedback-max-new-tokens and "
-                     "--n-prompts must be positive")
+    if not parts or parts - {"step", "throughput", "latency"}:
+        parser.error(f"--parts: expected some of 'step', 'throughput', 'latency', got {args.parts!r}")
+    if min(args.repeats, args.latency_repeats, args.max_new_tokens, args.feedback_max_new_tokens,
+           args.n_prompts) < 1 or args.step_steps < 2:
+        parser.error("--repeats, --latency-repeats, --max-new-tokens, --feedback-max-new-tokens and --n-prompts must "
+                     "be positive, --step-steps >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -300,6 +349,12 @@ def main(argv=None):
     # Warm-up: the first forward passes pay one-time costs (oneDNN kernel selection, allocator growth).
     warm = mixed_prompts(records, 2)
     rollout(model, tokenizer, warm, RolloutConfig(conversation_max_new_tokens=4, feedback_max_new_tokens=4))
+
+    if "step" in parts:
+        t0 = time.perf_counter()
+        steps = bench_steps(model, tokenizer, step_batches, args.step_steps)
+        print(f"  step: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        print_steps(steps, len(feedback_context(tokenizer)), args.step_steps)
 
     if "throughput" in parts:
         prompts = mixed_prompts(records, max(batches))
