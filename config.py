@@ -11,7 +11,8 @@ from checkpoint import flag
 from models import DEFAULT_MODEL
 from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2
 
-DESCRIPTION = "WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback agent."
+DESCRIPTION = ("WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback "
+               "agent.")
 
 
 @dataclass
@@ -137,3 +138,9 @@ def parse_args(argv=None) -> Args:
                 setattr(args, name, value)
         return args
     return Args(**parsed)
+
+
+def share_prefix(args) -> bool:
+    """Whether training forwards run the system prompt shared by a micro-batch once (--share-prefix). Gradient
+    checkpointing turns the KV cache off in training forwards, so the shared-prefix path needs it off."""
+    return args.share_prefix and not args.gradient_checkpointing

@@ -1,7 +1,7 @@
 """WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback agent.
 
-One iteration is (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3); the numbered sections below are steps 4-6,
-and `train()` near the end runs all six in order:
+One iteration is (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3); the numbered sections below are these steps,
+and `train()` at the end runs all six in order:
 
     1. rollout     two-agent trajectories for a batch of training prompts                 (rollout.py)
     2. judge       labels (unsafe, overrefuse) for every answer                           (judge.py)
@@ -16,11 +16,12 @@ and `train()` near the end runs all six in order:
 
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
 (warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained. Checkpoints, and the
-exact resume after Ctrl-C, SIGTERM or a crash, are checkpoint.py's.
+exact resume after Ctrl-C, SIGTERM or a crash, are checkpoint.py's. The settings (`Args`, one field per flag) are in
+config.py; setting a run up (prompts, judge, model, optimizers, output folder), its log and summary in training_run.py.
 
 `torchrun --nproc-per-node N train.py ...` trains data-parallel on N GPUs: the global batch and optimizer steps of one
-process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`;
-they do nothing in a plain `python train.py` run.
+process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`
+(here and in training_run.py); they do nothing in a plain `python train.py` run.
 
 What we simplify or choose (the paper publishes no code or hyperparameters):
 - LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
@@ -40,26 +41,46 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
   keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
 """
 import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
 import distributed
-from checkpoint import (StopSignals, check_resume_args, find_checkpoint, load_checkpoint, prepare_out,
-                        read_checkpoint_state, rng_state, save_checkpoint, stop_and_save, trim_log)
-from config import Args, parse_args
+from checkpoint import StopSignals, rng_state, save_checkpoint, stop_and_save
+from config import Args, parse_args, share_prefix
 from logprobs import action_logprobs, pad_batch
-from models import (AGENTS, adapter_parameters, attach_agents, enable_activation_checkpointing,
-                    load_agents, load_base, load_reference_copy, reference_policy, save_agents, use_agent)
+from models import AGENTS, adapter_parameters, reference_policy, save_agents, use_agent
 from reward import trajectory_rewards
-from rollout import RolloutConfig, context_window, judge_trajectories, longest_contexts, rollout
+from rollout import judge_trajectories, rollout
+from training_run import learning_curve_eval, print_summary, set_up_run, warm_start, write_log
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Rollout and 2. judge (rollout.py, judge.py); 3. the rewards are reward.trajectory_rewards, called in train()
+# ---------------------------------------------------------------------------------------------------------------------
+def collect_trajectories(run, args, iteration, rng) -> tuple:
+    """Roll out --samples-per-prompt trajectories for each of --prompts-per-iteration random training prompts, and
+    judge every answer. Returns (the judged trajectories of the whole batch, timing for the log)."""
+    began = time.perf_counter()
+    batch_prompts = rng.sample(run.prompts, min(args.prompts_per_iteration, len(run.prompts)))
+    batch_prompts = [p for p in batch_prompts for _ in range(args.samples_per_prompt)]
+    distributed.seed_sampling(args.seed, iteration)  # distributed: each rank its own sampling noise
+    with distributed.stop_all_on_error("the rollout"):  # distributed: rolls out this rank's slice
+        trajectories = rollout(run.model, run.tokenizer, distributed.share(batch_prompts), run.rollout_config)
+    rollout_seconds = time.perf_counter() - began
+    generated = sum(len(t.action_ids) for tr in trajectories for t in tr.answers + tr.feedbacks)
+
+    began = time.perf_counter()
+    with distributed.stop_all_on_error("judging"):  # distributed: judges this rank's slice
+        judge_trajectories(run.judge, trajectories)
+    trajectories = distributed.gather(trajectories)  # distributed: from here on, the whole batch on every rank
+    return trajectories, {"tokens_per_s": generated / max(rollout_seconds, 1e-9), "time_rollout": rollout_seconds,
+                          "time_judge": time.perf_counter() - began}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,11 +166,6 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
     return loss.sum(), stats
 
 
-def share_prefix(args) -> bool:
-    # Gradient checkpointing turns the KV cache off in training forwards, so the shared-prefix path needs it off.
-    return args.share_prefix and not args.gradient_checkpointing
-
-
 @torch.no_grad()
 def score_samples(model, samples, agent, args, pad_id, device):
     """Reference (and, if asked, old-policy) log-probs for every sample (no grad), stored on the samples as tensors."""
@@ -226,6 +242,27 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             "samples": len(samples)}
 
 
+def update_agents(run, args, samples, trained, rng) -> dict:
+    """Steps 5 and 6 for each trained agent, one independent actor per agent; returns {agent: its log statistics}."""
+    agent_stats = {}
+    for agent in trained:
+        agent_samples = [s for s in samples if s.agent == agent]
+        if not agent_samples:
+            continue
+        compute_advantages(agent_samples, group_baseline=args.samples_per_prompt > 1)
+        score_samples(run.model, agent_samples, agent, args, run.tokenizer.pad_token_id, run.device)
+        agent_stats[agent] = update_agent(run.model, run.optimizers[agent], agent, agent_samples, args,
+                                          run.tokenizer.pad_token_id, run.device, rng)
+        if args.recompute_old_logprobs:  # how far sampling numerics are from the training forward
+            gaps = [abs(a - b) for s in agent_samples for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist())]
+            agent_stats[agent]["sampling_logprob_mismatch"] = max(gaps)
+            agent_stats[agent]["sampling_logprob_mismatch_mean"] = sum(gaps) / len(gaps)
+    return agent_stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The log row of an iteration
+# ---------------------------------------------------------------------------------------------------------------------
 def batch_metrics(trajectories, rewards) -> dict:
     """What the iteration's rollouts say about the agents (before any update)."""
     feedback_parts = [p for r in rewards for p in r["feedback"]]
@@ -245,180 +282,66 @@ def batch_metrics(trajectories, rewards) -> dict:
     }
 
 
-def learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args) -> dict:
-    """The cheap periodic eval (eval.periodic_eval) of the current adapters, timed, for the log."""
-    from eval import periodic_eval
+def iteration_record(run, args, iteration, stage, lam, trajectories, rewards, timing, agent_stats) -> dict:
+    """The iteration's row of log.jsonl: batch rates before the update, timing, per-agent update statistics, and the
+    learning-curve eval every --eval-every iterations (and after the last)."""
+    record = {"iteration": iteration + 1, "stage": stage, "lam": lam, **batch_metrics(trajectories, rewards), **timing}
+    for agent, stats in agent_stats.items():
+        record.update({f"{agent}/{k}": v for k, v in stats.items()})
+    total = run.stage1_iterations + args.stage2_iterations
+    if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == total):
+        record.update(learning_curve_eval(run, args))
+    return record
 
-    began = time.perf_counter()
-    record = periodic_eval(model, tokenizer, judge, eval_prompts, rollout_config, single_agent=args.single_agent)
-    return {**record, "time_eval": time.perf_counter() - began}
 
-
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
 def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     """Run both stages; returns a summary. `judge`, `prompts` and `eval_prompts` (the periodic eval's prompts) may be
     passed in directly (tests, notebooks)."""
     from tqdm import tqdm
-
-    from judge import judge_from_flag
 
     args.validate()
     distributed.init(args.dist_timeout)  # distributed: joins the ranks under torchrun, else does nothing
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    out = Path(args.out)
-    checkpoint = out / "checkpoint"
-    if args.resume:  # find_checkpoint also completes a checkpoint swap that a crash cut half-way
-        if find_checkpoint(checkpoint) is None:
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
-        state = read_checkpoint_state(checkpoint)
-        changed = check_resume_args(state.get("args", {}), asdict(args), state["iteration"])
-    prepare_out(out, args.resume, args.overwrite)  # refuses to start over an earlier run without --overwrite
-
-    prompts = prompts if prompts is not None else load_training_prompts(args)
-    if args.eval_every > 0 and eval_prompts is None:
-        from data import load_prompts, spread_over_categories
-
-        eval_prompts = spread_over_categories(load_prompts(args.prompts, split="eval"), args.eval_prompts)
-        if not eval_prompts:
-            raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
-    judge = judge if judge is not None else judge_from_flag(args.judge)
-    four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
-    base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
-    if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
-        args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
-    rollout_config = RolloutConfig(
-        max_rounds=args.max_rounds, conversation_max_new_tokens=args.conversation_max_new_tokens,
-        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
-        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
-        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
-    if args.single_agent:  # the baseline: no feedback turns at all, so the conversation agent only sees R_c(c_0)
-        rollout_config.max_rounds = 0
-    stage1_iterations = 0 if args.single_agent else args.stage1_iterations
-    prompts = fitting_prompts(prompts, tokenizer, context_window(base), rollout_config, args)
-    if args.resume:
-        model = load_agents(base, checkpoint, trainable=True)
-    else:
-        model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(base)
-    device = next(model.parameters()).device
-    optimizers = {
-        "feedback": torch.optim.AdamW(adapter_parameters(model, "feedback"), lr=args.feedback_lr, weight_decay=0.0),
-        "conversation": torch.optim.AdamW(adapter_parameters(model, "conversation"), lr=args.conversation_lr,
-                                          weight_decay=0.0),
-    }
-    log_path = out / "log.jsonl"
-    start = 0
-    if args.resume:
-        start = load_checkpoint(state, optimizers, rng)
-        for name, lr in (("feedback", args.feedback_lr), ("conversation", args.conversation_lr)):
-            for group in optimizers[name].param_groups:  # the checkpoint's learning rate would silently win
-                group["lr"] = lr
-        dropped = trim_log(log_path, start) if distributed.is_main() else 0  # rows past the checkpoint (a kill)
-        if dropped:
-            print(f"resume: dropped {dropped} log row(s) past the checkpoint's iteration {start}", file=sys.stderr)
-        if changed and distributed.is_main():
-            print("resume: continuing with changed settings (so not what one uninterrupted run gives): "
-                  + "; ".join(changed), file=sys.stderr)
-    elif distributed.is_main():  # distributed: rank 0 alone writes files
-        prepare_out(out, args.resume, args.overwrite, remove=True)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-
-    # 0. (departure) supervised warm-start of the feedback agent; afterwards it is the feedback agent's KL anchor
+    run = set_up_run(args, rng, judge, prompts, eval_prompts)  # out folder, prompts, judge, model, optimizers, resume
+    model, optimizers = run.model, run.optimizers
     if args.warmstart_epochs > 0 and not args.single_agent:
-        warm_dir = out / "warmstart"
-        if not args.resume:
-            from warmstart import warmstart_feedback_agent
-
-            count = min(args.warmstart_prompts or len(prompts), len(prompts))
-            record = warmstart_feedback_agent(model, tokenizer, judge, rng.sample(prompts, count), rollout_config,
-                                              args.warmstart_epochs, args.warmstart_lr, args.micro_batch_size,
-                                              args.seed, args.logprob_chunk_size, share_prefix(args),
-                                              args.warmstart_label_weight)
-            if distributed.is_main():  # distributed: every rank warm-started the same way; rank 0 writes
-                save_agents(model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")
-        distributed.barrier("the warm-start save")  # distributed: the others read warm_dir below
-        if not (warm_dir / "feedback" / "adapter_config.json").exists():
-            raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
-                             f"is missing")
-        load_reference_copy(model, "feedback", warm_dir)
-    total = stage1_iterations + args.stage2_iterations
+        warm_start(run, args, rng)  # 0. (departure) afterwards the feedback agent's KL anchor is the warm-started copy
     distributed.broadcast_adapters(model)  # distributed: every rank starts from rank 0's adapters
     if args.eval_every > 0 and not args.resume:  # the starting point of the learning curves
         # distributed: every rank runs the same greedy eval (identical results, ranks stay in step); rank 0 writes it
-        eval_record = learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args)
-        if distributed.is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"iteration": 0, "stage": 0, **eval_record}) + "\n")
+        write_log(run, {"iteration": 0, "stage": 0, **learning_curve_eval(run, args)})
 
     # A stop (Ctrl-C, SIGTERM) abandons an iteration that has not begun its update; once it has, the iteration is
     # finished first. Either way the checkpoint holds the state after the last completed iteration (checkpoint.py).
-    completed, boundary, saved = start, rng_state(rng), (start if args.resume else None)
-    iteration, history = start, []
-    bar = tqdm(range(start, total), initial=start, total=total, desc="WaltzRL", unit="it")
+    total = run.stage1_iterations + args.stage2_iterations
+    completed, boundary, saved = run.start, rng_state(rng), (run.start if args.resume else None)
+    history = []
+    bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="WaltzRL", unit="it")
     stop = StopSignals().install()
     try:
         for iteration in bar:
-            stage = 1 if iteration < stage1_iterations else 2
+            stage = 1 if iteration < run.stage1_iterations else 2
             trained = ("feedback",) if stage == 1 else ("conversation",) if args.single_agent else AGENTS
             # Stage 2 drops the additive label reward (the paper's lam = 0); the DIR gate stays. Then a correct "ok"
             # and a false alarm both earn only gamma: our 135M feedback agent drifts to flagging more (README
             # "Results"); --stage2-lam > 0 keeps paying for correct labels.
             lam = args.lam if stage == 1 else args.stage2_lam
 
-            # 1. rollout
-            began = time.perf_counter()
-            batch_prompts = rng.sample(prompts, min(args.prompts_per_iteration, len(prompts)))
-            batch_prompts = [p for p in batch_prompts for _ in range(args.samples_per_prompt)]
-            distributed.seed_sampling(args.seed, iteration)  # distributed: each rank its own sampling noise
-            with distributed.stop_all_on_error("the rollout"):  # distributed: rolls out this rank's slice
-                trajectories = rollout(model, tokenizer, distributed.share(batch_prompts), rollout_config)
-            rollout_seconds = time.perf_counter() - began
-            generated = sum(len(t.action_ids) for tr in trajectories for t in tr.answers + tr.feedbacks)
-
-            # 2. judge, 3. rewards
-            began = time.perf_counter()
-            with distributed.stop_all_on_error("judging"):  # distributed: judges this rank's slice
-                judge_trajectories(judge, trajectories)
-            trajectories = distributed.gather(trajectories)  # distributed: from here on, the whole batch on every rank
-            judge_seconds = time.perf_counter() - began
-            rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]
-
-            # 4. samples, 5. advantages, 6. update, one independent actor per agent
+            trajectories, timing = collect_trajectories(run, args, iteration, rng)  # 1. rollout, 2. judge
+            rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]  # 3. rewards
             stop.hold()  # the adapters are about to change: a stop request now waits for the end of the iteration
             began = time.perf_counter()
-            samples = make_samples(trajectories, rewards, rng)
-            agent_stats = {}
-            for agent in trained:
-                agent_samples = [s for s in samples if s.agent == agent]
-                if not agent_samples:
-                    continue
-                compute_advantages(agent_samples, group_baseline=args.samples_per_prompt > 1)
-                score_samples(model, agent_samples, agent, args, tokenizer.pad_token_id, device)
-                agent_stats[agent] = update_agent(model, optimizers[agent], agent, agent_samples, args,
-                                                  tokenizer.pad_token_id, device, rng)
-                if args.recompute_old_logprobs:  # how far sampling numerics are from the training forward
-                    gaps = [abs(a - b) for s in agent_samples
-                            for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist())]
-                    agent_stats[agent]["sampling_logprob_mismatch"] = max(gaps)
-                    agent_stats[agent]["sampling_logprob_mismatch_mean"] = sum(gaps) / len(gaps)
-            update_seconds = time.perf_counter() - began
+            samples = make_samples(trajectories, rewards, rng)  # 4. samples
+            agent_stats = update_agents(run, args, samples, trained, rng)  # 5. advantages, 6. update
+            timing["time_update"] = time.perf_counter() - began
 
-            record = {"iteration": iteration + 1, "stage": stage, "lam": lam, **batch_metrics(trajectories, rewards),
-                      "tokens_per_s": generated / max(rollout_seconds, 1e-9), "time_rollout": rollout_seconds,
-                      "time_judge": judge_seconds, "time_update": update_seconds}
-            for agent, stats in agent_stats.items():
-                record.update({f"{agent}/{k}": v for k, v in stats.items()})
-            if args.eval_every > 0 and ((iteration + 1) % args.eval_every == 0 or iteration + 1 == total):
-                record.update(learning_curve_eval(model, tokenizer, judge, eval_prompts, rollout_config, args))
-            if distributed.is_main():  # distributed: rank 0 writes the log
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            record = iteration_record(run, args, iteration, stage, lam, trajectories, rewards, timing, agent_stats)
+            write_log(run, record)
             history.append(record)
             completed, boundary = iteration + 1, rng_state(rng)
             bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
@@ -426,21 +349,22 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                             fmt=f"{record['format_rate']:.2f}", acc=f"{record['label_accuracy']:.2f}",
                             ftr=f"{record['ftr']:.2f}")
             if completed % args.save_every == 0:
-                save_checkpoint(model, optimizers, completed, args, boundary, checkpoint)
+                save_checkpoint(model, optimizers, completed, args, boundary, run.checkpoint)
                 saved = completed
             stop.release()
             if stop.requested:  # asked during the update: the iteration is complete now
                 raise KeyboardInterrupt
         bar.close()
         stop.hold()
-        save_checkpoint(model, optimizers, total, args, rng_state(rng), checkpoint)
+        save_checkpoint(model, optimizers, total, args, rng_state(rng), run.checkpoint)
         if distributed.is_main():  # distributed: rank 0 writes the adapters
-            save_agents(model, out / "adapters")
+            save_agents(model, run.out / "adapters")
         distributed.barrier("the final save")  # distributed: no rank returns (and reads them) before they are written
         stop.release()
     except KeyboardInterrupt:
         bar.close()
-        raise SystemExit(stop_and_save(stop, model, optimizers, completed, boundary, saved, args, checkpoint)) from None
+        raise SystemExit(stop_and_save(stop, model, optimizers, completed, boundary, saved, args, run.checkpoint)) \
+            from None
     except torch.OutOfMemoryError:
         bar.close()
         raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
@@ -448,69 +372,7 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                          "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
     finally:
         stop.restore()
-    return {"history": history, "adapters": str(out / "adapters"), "log": str(log_path), "model": model}
-
-
-def load_training_prompts(args) -> list:
-    """--prompts as records; a bad file or name is a one-line error that names it (and the line)."""
-    from data import DatasetLoadError, PromptFileError, load_prompts
-
-    try:
-        prompts = load_prompts(args.prompts, split=args.split)
-    except (PromptFileError, DatasetLoadError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"--prompts {args.prompts}: {err}") from None
-    if not prompts:
-        raise SystemExit(f"--prompts {args.prompts}: no prompts in split {args.split!r}")
-    return prompts
-
-
-def fitting_prompts(prompts, tokenizer, window, config, args) -> list:
-    """The prompts whose trajectories fit the model's context window at these length limits. The others are left
-    out with a warning (cutting a prompt could change what it asks, and so its label); none fitting is an error."""
-    if window is None:
-        return prompts
-    needs = longest_contexts(tokenizer, [p["prompt"] for p in prompts], config)
-    kept = [p for p, need in zip(prompts, needs) if need <= window]
-    if len(kept) < len(prompts):
-        worst = max(range(len(prompts)), key=needs.__getitem__)
-        what = (f"{len(prompts) - len(kept)} of {len(prompts)} prompts do not fit the model's {window}-token context "
-                f"with --conversation-max-new-tokens {args.conversation_max_new_tokens}, --feedback-max-new-tokens "
-                f"{args.feedback_max_new_tokens} and --max-rounds {args.max_rounds} (prompt {prompts[worst]['id']!r} "
-                f"needs {needs[worst]})")
-        if not kept:
-            raise SystemExit(f"--prompts {args.prompts}: {what}")
-        print(f"warning: --prompts {args.prompts}: {what}; they are left out", file=sys.stderr)
-    return kept
-
-
-def print_summary(summary: dict) -> None:
-    """What the end of a run can honestly show: that it ran, the run's mean batch rates, and how far each agent moved
-    from its reference policy. Not first-vs-last rewards: with the demo's batches of 6 prompts one prompt moves a
-    batch's rate by 1/6, so a few iterations cannot show learning (README "Results" has a measured longer run)."""
-    history = summary["history"]
-    if history:
-        def mean(key):
-            values = [h[key] for h in history if key in h and h[key] == h[key]]  # h[key] == h[key]: skips NaN
-            return sum(values) / len(values) if values else float("nan")
-
-        stage1 = sum(h["stage"] == 1 for h in history)
-        split = {k: sum(h[f"time_{k}"] for h in history) for k in ("rollout", "judge", "update")}
-        print(f"\nran {len(history)} iterations ({stage1} in stage 1, {len(history) - stage1} in stage 2); time: "
-              + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
-        print("run means of the per-iteration batch values:")
-        for key, name in (("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
-                          ("ftr", "feedback trigger rate"), ("conversation_reward_after", "R_c of the final answers")):
-            print(f"  {name:28s} {mean(key):6.3f}")
-        print("how far each agent has moved from its reference policy (KL per token, measured in its last update):")
-        for agent in ("feedback", "conversation"):
-            kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
-            print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
-        batch = history[-1].get("feedback/samples")
-        print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
-              f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
-              f"README \"Results\": python train.py --preset cpu (~46 min on 2 cores), then eval.py.")
-    print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
-          f"next: python eval.py --adapters {summary['adapters']}")
+    return {"history": history, "adapters": str(run.out / "adapters"), "log": str(run.log_path), "model": model}
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ Measurement choices (say them when you quote the numbers):
   per-phase columns are empty). On CUDA, use torch.cuda.max_memory_allocated instead (not done here: CPU project).
 - Warm-up: the judge (default: prompt label + MiniLM refusal detector) is called once before training, so its
   one-time model load is not in time_judge; one forward+backward runs right after train.train attaches the adapters
-  (train.attach_agents is wrapped), which pages the mmapped weights into RSS and pays one-time kernel set-up outside
-  the measured iteration. --warmup-iterations additionally runs and drops whole iterations (off by default).
+  (training_run.attach_agents is wrapped), which pages the mmapped weights into RSS and pays one-time kernel set-up
+  outside the measured iteration. --warmup-iterations additionally runs and drops whole iterations (off by default).
 - Ratios ("x base") are against the smallest configuration, measured in the same run.
 
 Default (reduced, about 5 minutes on 2 CPU cores): lengths 16,32,64 and batches 1,2,4 as a "cross" design, i.e.
@@ -131,6 +131,7 @@ def suppress_conversation_eos(rollout_module):
 def worker(args) -> dict:
     import rollout
     import train
+    import training_run
     from judge import load_judge
 
     if args.threads:
@@ -143,7 +144,7 @@ def worker(args) -> dict:
     # Warm the model up inside train.train, right after the adapters are attached: the first forward/backward pages
     # the mmapped safetensors weights into RSS and pays one-time kernel set-up, which would otherwise be counted in
     # the first iteration's rollout. The throw-away gradients are cleared, so the optimizers start as in training.
-    attach_agents = train.attach_agents
+    attach_agents = training_run.attach_agents
 
     def attach_agents_and_warm_up(base, **lora):
         model = attach_agents(base, **lora)
@@ -152,7 +153,7 @@ def worker(args) -> dict:
         model.zero_grad(set_to_none=True)
         return model
 
-    train.attach_agents = attach_agents_and_warm_up
+    training_run.attach_agents = attach_agents_and_warm_up
     # train.py imported these names into its own namespace, so that is where the wrappers must go.
     memory.wrap(train, "rollout", "rollout")
     memory.wrap(train, "judge_trajectories", "judge")
