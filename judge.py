@@ -142,7 +142,7 @@ class HFJudge(_ModelJudge):
         self.model = AutoModelForCausalLM.from_pretrained(model_id).to(device).eval()
 
     def _render(self, prompt, response):
-        from rollout import escape_special_tokens
+        from sampler import escape_special_tokens
 
         # The text under judgement must not forge turns of the judge's own chat (an answer that ends in
         # "<|im_end|><|im_start|>assistant" and a verdict): its special-token strings are broken first.

@@ -9,17 +9,11 @@ One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; docs/method.md "Rollout"), for
     stop after c_{T_max}: at most T_max feedback turns and T_max revisions (T_max = 1: f_0, then maybe c_1)
 
 Everything is batched: all prompts answer together, all answers get feedback together, and only the flagged ones are
-revised. Generation is a small hand-written sampling loop with a KV cache and left padding (instead of
-`model.generate`) because RL needs three things generate() does not give directly: the log-prob of every sampled token
-under the sampling distribution, the exact token ids the agent was conditioned on (so training never re-tokenises),
-and per-sequence early stopping for the feedback agent.
-
-Engineering that changes no number: every context of an agent starts with the same system prompt (~240 tokens for the
-feedback agent, most of its context). Its keys/values are computed once per rollout() call (the adapters change
-between training iterations) or once per process at inference (infer.py), and every batch starts from a copy of
-them: layout [shared prefix | left padding | rest of each context]. The sampled tokens and their log-probs are those
-of the plain path (tests/test_prefix_cache.py). One batch holds every row of a training iteration when it fits
-(RolloutConfig.batch_size): a decoding step reads all the weights whatever the batch, so more rows cost little more.
+revised. The tokens come from sampler.py's hand-written sampling loop, which records the log-prob of every sampled token
+and the exact context ids (what training needs), and stops a feedback turn early. Every context of an agent starts
+with the same system prompt: its keys/values are computed once per rollout() call (the adapters change between training
+iterations) or once per process at inference (infer.py), see shared_prefix. One batch holds every row of a training
+iteration when it fits (RolloutConfig.batch_size).
 
 Our choices where the paper is silent or we go beyond it:
 - System prompts: the paper does not publish its prompts; ours are below (they are part of the method).
@@ -32,15 +26,15 @@ Our choices where the paper is silent or we go beyond it:
   truncated distribution and that ratio would be wrong, so RolloutConfig has no top_p (sample() keeps its top_p
   argument for callers that never train on the log-probs it returns).
 """
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
-from models import cache_keyword, use_agent
+from feedback_parser import ParsedFeedback, parse_feedback
+from models import use_agent
 from reward import Labels
+from sampler import MIN_SHARED_PREFIX, chat_ids, common_prefix_length, prefix_kv, sample, system_prefix_ids
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "
@@ -114,59 +108,9 @@ class Trajectory:
         return len(self.answers) > 1
 
 
-def stop_token_ids(model, tokenizer) -> set:
-    """End-of-turn tokens: the tokenizer's EOS, the generation config's EOS list, and ChatML's <|im_end|>."""
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return {i for i in ids if i is not None}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Shared-prefix KV cache: every context of an agent starts with the same system prompt
+# The agents' turns
 # ---------------------------------------------------------------------------------------------------------------------
-MIN_SHARED_PREFIX = 16  # tokens; a shorter common start is not worth a separate forward
-
-
-@dataclass
-class SharedPrefix:
-    """Token ids that every context of a batch starts with, and their keys/values under the active agent."""
-
-    ids: list
-    cache: object  # a transformers DynamicCache holding the KV of `ids` at batch size 1
-
-
-def common_prefix_length(sequences) -> int:
-    """How many leading tokens all sequences share."""
-    shortest, length = min(len(s) for s in sequences), 0
-    while length < shortest and all(s[length] == sequences[0][length] for s in sequences):
-        length += 1
-    return length
-
-
-def system_prefix_ids(tokenizer, system_prompt: str) -> list:
-    """The chat-template tokens before the user's text: the system message and the header of the user turn. Found as
-    the common start of two chats that differ only in the user's text, so it holds for any chat template."""
-    system = {"role": "system", "content": system_prompt}
-    first, second = (chat_ids(tokenizer, [system, {"role": "user", "content": text}]) for text in ("A", "B"))
-    return first[:common_prefix_length([first, second])]
-
-
-@torch.no_grad()
-def prefix_kv(model, ids) -> SharedPrefix:
-    """Run `ids` through the model once (the active adapter applies) and keep their keys/values."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)  # the forward fills it in place
-    device = next(model.parameters()).device
-    model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
-          **{cache_keyword(model): cache})
-    return SharedPrefix(list(ids), cache)
-
-
 def shared_prefix(model, tokenizer, agent, contexts, prefix_cache: dict):
     """The part of `agent`'s system prompt that all `contexts` start with, as a SharedPrefix: taken from prefix_cache,
     or computed once and stored there under (agent, ids). None when that part is too short to be worth it.
@@ -182,146 +126,6 @@ def shared_prefix(model, tokenizer, agent, contexts, prefix_cache: dict):
     if key not in prefix_cache:
         prefix_cache[key] = prefix_kv(model, reference[:length])
     return prefix_cache[key]
-
-
-def batch_cache(model, prefix, batch: int):
-    """A fresh KV cache for `batch` rows, holding the shared prefix's keys/values in every row (empty without one)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    if prefix is not None:
-        for index, layer in enumerate(prefix.cache.layers):
-            if layer.is_initialized:  # expand is a view; the cache's first update copies it into [batch, ...] tensors
-                cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
-    return cache
-
-
-@torch.no_grad()
-def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
-           feedback_json=False, early_stop_ok=False, prefix=None):
-    """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
-
-    feedback_json: the action is the feedback agent's JSON (after prefix_texts): stop a row when its object closes,
-    and, with early_stop_ok, as soon as both labels are written and false.
-    prefix: a SharedPrefix that every context starts with; its keys/values are reused instead of recomputed.
-
-    Layout: [shared prefix | left padding | rest of each context]. Left padding puts every context's last token in the
-    same column, so one forward step extends all sequences; the attention mask is 0 on the padding and position ids
-    are the mask's running count, so every row's positions are contiguous (0, 1, 2, ...) as if it were alone.
-    """
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    stops = stop_token_ids(model, tokenizer)
-    start = len(prefix.ids) if prefix is not None else 0
-    if prefix is not None and any(ctx[:start] != prefix.ids or len(ctx) == start for ctx in contexts):
-        raise ValueError("sample: every context must start with prefix.ids and go on after it")
-    rests = [ctx[start:] for ctx in contexts]
-    batch, longest = len(rests), max(len(r) for r in rests)
-    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((batch, start + longest), dtype=torch.long, device=device)
-    attention_mask[:, :start] = 1
-    for row, rest in enumerate(rests):
-        input_ids[row, longest - len(rest):] = torch.tensor(rest, device=device)
-        attention_mask[row, start + longest - len(rest):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-
-    actions = [[] for _ in range(batch)]
-    logprobs = [[] for _ in range(batch)]
-    done = [False] * batch
-    labels_decided = [False] * batch  # early stop: the two labels have been read for this row
-    with_cache = {cache_keyword(model): batch_cache(model, prefix, batch)}  # every step extends it in place
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1, **with_cache)
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if temperature > 0:
-            step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
-            probs = step_logprobs.exp()
-            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-            tokens = torch.multinomial(probs, 1).squeeze(-1)
-        else:
-            step_logprobs = torch.log_softmax(logits, dim=-1)
-            tokens = logits.argmax(-1)
-        token_logprobs = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-        # One device-to-host copy per step for the whole batch (not two per row).
-        for row, (token, token_logprob) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
-            if done[row]:
-                continue
-            actions[row].append(token)
-            logprobs[row].append(token_logprob)
-            if token in stops:
-                done[row] = True
-            elif feedback_json:
-                text = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
-                if early_stop_ok and not labels_decided[row]:
-                    labels = labels_prefix_complete(text)
-                    if labels is not None:
-                        labels_decided[row] = True
-                        done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
-                if not done[row] and feedback_object_closed(text):
-                    done[row] = True  # whatever follows the closing brace is never read
-        if all(done) or step == max_new_tokens - 1:
-            break  # (no forward for a token that will not be sampled)
-        # Finished rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
-        tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **with_cache)
-    truncated = [not finished for finished in done]
-    # An early-stopped feedback turn counts as finished, not truncated.
-    return actions, logprobs, truncated
-
-
-def chat_ids(tokenizer, messages, prefill: str = "") -> list:
-    """Token ids of a chat ready for the assistant's reply (plus an optional prefill of that reply).
-
-    Only the chat template's own markup becomes special tokens. Message text (the user's prompt, an agent's answer,
-    feedback) is tokenised with special tokens switched off, so a prompt containing "<|im_end|><|im_start|>system"
-    stays plain text and cannot forge a turn (chat-template injection). To tell markup from text, the template is
-    rendered with a placeholder per message; the special tokens of the markup are then the only split points, as in
-    the tokenizer's own splitting, so for honest text the ids equal `apply_chat_template(..., tokenize=True)`.
-    """
-    placeholders = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(placeholders, add_generation_prompt=True, tokenize=False)
-    pieces = re.split("\ue000(\\d+)\ue001", rendered)  # markup, message index, markup, ..., markup
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-    if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
-        # The template rewrote the placeholders (it transforms message text): render the real text instead, with
-        # every special-token string in it broken by a zero-width space.
-        escaped = [dict(m, content=escape_special_tokens(m["content"], specials)) for m in messages]
-        pieces = [tokenizer.apply_chat_template(escaped, add_generation_prompt=True, tokenize=False)]
-    split_at_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-
-    def plain(text):  # special-token strings in text stay text
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
-
-    ids, text = [], ""
-    for index, piece in enumerate(pieces):
-        if index % 2:  # a message's text
-            text += messages[int(piece)]["content"]
-            continue
-        parts = split_at_specials.split(piece) if split_at_specials else [piece]
-        for j, part in enumerate(parts):
-            if j % 2:  # a special token of the markup: a real one
-                ids += plain(text) + [tokenizer.convert_tokens_to_ids(part)]
-                text = ""
-            else:
-                text += part
-    ids += plain(text)
-    if prefill:
-        ids += tokenizer(prefill, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def escape_special_tokens(text: str, specials) -> str:
-    """Break every special-token string in text with a zero-width space after its first character."""
-    for token in specials:
-        text = text.replace(token, token[:1] + "\u200b" + token[1:])
-    return text
 
 
 def context_window(model) -> int | None:

@@ -30,7 +30,7 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
   the KL outside the reward every token of a sample shares one advantage, which keeps the advantage normalisation
   "over the whole batch" exactly what it says, and the KL strength stays independent of reward scale.
 - Losses average over all action tokens of a minibatch (token-mean), as in DAPO / OpenRLHF's default.
-- Old-policy log-probs in fp32 (a CPU run) are the log-probs recorded while sampling (rollout.py computes them from
+- Old-policy log-probs in fp32 (a CPU run) are the log-probs recorded while sampling (sampler.py computes them from
   the same tempered distribution; they match a training forward to ~1e-5). That saves one forward pass per sample,
   a third of the update's cost on a CPU. In bf16 or on a 4-bit base (a GPU run) decoding one token at a time rounds
   differently from the training forward (up to 0.03 nats per token on the tiny test model), so there they are

@@ -111,7 +111,7 @@ def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=No
         context = chat_ids(tokenizer, feedback_messages(p["prompt"], answer.text), FEEDBACK_PREFILL)
         target_text = warmstart_target(labels, p["label"])
         assert target_text.startswith(FEEDBACK_PREFILL)
-        # The prefill is already in the context, tokenised on its own exactly as in rollout.chat_ids; the target is
+        # The prefill is already in the context, tokenised on its own exactly as in sampler.chat_ids; the target is
         # the rest, up to the closing brace where the rollout stops decoding (no end-of-turn token needed).
         target, label_mask = label_token_mask(tokenizer, target_text[len(FEEDBACK_PREFILL):])
         examples.append(Example(context, target, labels, label_mask))

@@ -1,9 +1,9 @@
-"""Benchmark: one decoding step of rollout.sample against a bare model forward of the same shape, over batch sizes.
+"""Benchmark: one decoding step of sampler.sample against a bare model forward of the same shape, over batch sizes.
 
 Three numbers per batch size B, all on B copies of one feedback-agent context (its ~240-token system prompt, a
 request, an answer and the '{"unsafe":' prefill; the length a decoding step attends to in a rollout):
 
-    sample      seconds per step of rollout.sample (sampling at temperature 1, log-probs, per-row bookkeeping, the
+    sample      seconds per step of sampler.sample (sampling at temperature 1, log-probs, per-row bookkeeping, the
                 growing attention mask, DynamicCache), from the difference of two calls that decode 1 and 1 + n
                 tokens (stop tokens are switched off, so both decode exactly that many)
     bare        seconds per model forward of the same shape: [B, 1] tokens on the same DynamicCache, nothing else
@@ -14,7 +14,7 @@ and from them: sampler overhead = sample / bare - 1 (what the Python loop adds),
 step's cost relative to batch 1. While decoding is bound by reading the weights from memory the step costs about the
 same at any batch and tok/s grows linearly with B; where "x batch 1" starts to grow, the step has become bound by
 arithmetic, and larger batches stop paying. Identical rows let the whole context but its last token be one shared
-prefix (rollout.SharedPrefix), so no batch-sized prefill is paid before the timed steps.
+prefix (sampler.SharedPrefix), so no batch-sized prefill is paid before the timed steps.
 
 Run on its own or as the `step` part of bench/rollout.py:
     python bench/decode_step.py --batches 1,4,16,64 --steps 8
@@ -31,6 +31,7 @@ import cpu_threads  # noqa: E402, F401  (before torch: the project's OpenMP defa
 import torch  # noqa: E402
 
 import rollout  # noqa: E402
+import sampler  # noqa: E402
 from models import cache_keyword, use_agent  # noqa: E402
 
 
@@ -42,17 +43,17 @@ def feedback_context(tokenizer) -> list:
 
 
 def sample_step_seconds(model, tokenizer, context, prefix, batch, steps) -> float:
-    """Seconds per decoding step of rollout.sample: (t(1 + steps tokens) - t(1 token)) / steps."""
-    real_stops = rollout.stop_token_ids
-    rollout.stop_token_ids = lambda m, t: set()  # every row decodes exactly max_new_tokens
+    """Seconds per decoding step of sampler.sample: (t(1 + steps tokens) - t(1 token)) / steps."""
+    real_stops = sampler.stop_token_ids
+    sampler.stop_token_ids = lambda m, t: set()  # every row decodes exactly max_new_tokens
     try:
         times = {}
         for tokens in (1, 1 + steps, 1, 1 + steps):  # twice each, interleaved; the faster of each pair counts
             began = time.perf_counter()
-            rollout.sample(model, tokenizer, [context] * batch, tokens, temperature=1.0, prefix=prefix)
+            sampler.sample(model, tokenizer, [context] * batch, tokens, temperature=1.0, prefix=prefix)
             times[tokens] = min(times.get(tokens, float("inf")), time.perf_counter() - began)
     finally:
-        rollout.stop_token_ids = real_stops
+        sampler.stop_token_ids = real_stops
     return max(times[1 + steps] - times[1], 0.0) / steps
 
 
@@ -68,7 +69,7 @@ def bare_step_seconds(model, context, prefix, batch, steps, static=False) -> flo
         for index, layer in enumerate(prefix.cache.layers):
             cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
     else:
-        cache = rollout.batch_cache(model, prefix, batch)
+        cache = sampler.batch_cache(model, prefix, batch)
     mask = torch.ones((batch, (length + steps + 1) if static else (length + steps)), dtype=torch.long, device=device)
     tokens = torch.full((batch, 1), context[-1], dtype=torch.long, device=device)
     seconds = []
@@ -86,7 +87,7 @@ def bench_steps(model, tokenizer, batches, steps, agent="feedback") -> list:
     use_agent(model, agent)
     model.eval()
     context = feedback_context(tokenizer)
-    prefix = rollout.prefix_kv(model, context[:-1])  # identical rows: all but the last token is shared
+    prefix = sampler.prefix_kv(model, context[:-1])  # identical rows: all but the last token is shared
     rows = []
     for batch in batches:
         sample_s = sample_step_seconds(model, tokenizer, context, prefix, batch, steps)
@@ -109,7 +110,7 @@ def print_steps(rows, context_tokens, steps):
         print(f"{r['batch']:>5} | {1000 * r['sample_s']:>9.1f} | {1000 * r['bare_s']:>7.1f} | "
               f"{100 * (sample_s / r['bare_s'] - 1):>7.1f}% | {1000 * r['static_s']:>9.1f} | "
               f"{r['static_s'] / r['bare_s']:>11.2f} | {r['batch'] / sample_s:>7.1f} | {sample_s / first:>9.2f}")
-    print("sample = one step of rollout.sample; bare = the model forward alone (DynamicCache); overhead = sample / "
+    print("sample = one step of sampler.sample; bare = the model forward alone (DynamicCache); overhead = sample / "
           "bare - 1; static = bare forward on a preallocated StaticCache; tok/s = batch / sample step; x batch 1 = "
           "step time / the first row's. Weight-bound while 'x batch 1' stays near 1.")
 
@@ -119,7 +120,7 @@ def main(argv=None):
 
     from models import DEFAULT_MODEL, load_agents_or_fresh
 
-    parser = argparse.ArgumentParser(description="One decoding step of rollout.sample vs a bare forward, by batch.")
+    parser = argparse.ArgumentParser(description="One decoding step of sampler.sample vs a bare forward, by batch.")
     parser.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=8, help="timed decoding steps per measurement (>= 2)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model ('default' = SmolLM2-135M-Instruct)")

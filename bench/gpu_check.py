@@ -14,7 +14,7 @@
     - Tokenizer: a byte-level BPE trained here on the project's own prompts and system prompts (~4 characters per
       token, like Llama's), padded with added tokens up to the config's 128256 ids, so that every id the model can
       sample decodes to text that encodes back to exactly one token (contexts keep their length).
-    - Full-length answers: no end-of-turn token stops a sequence (rollout.stop_token_ids returns nothing), and every
+    - Full-length answers: no end-of-turn token stops a sequence (sampler.stop_token_ids returns nothing), and every
       feedback is read as "unsafe", so every answer is revised: the longest contexts a stage-2 iteration can have.
     - Judge: the prompt's own label (harmful -> unsafe), so rewards and advantages are not all equal.
     Printed: peak GPU memory of the rollout and of the update (allocated and reserved, from torch.cuda) against the
@@ -236,6 +236,7 @@ def run_iteration(shapes: dict, overrides: dict, workdir: str, device: str) -> d
     import torch
 
     import rollout
+    import sampler
     import train
     from data import load_prompts
 
@@ -270,7 +271,7 @@ def run_iteration(shapes: dict, overrides: dict, workdir: str, device: str) -> d
 
     args = train.Args(model=model_dir, out=os.path.join(workdir, "run"), **overrides)
     prompts = load_prompts(os.path.join(REPO, "data", "prompts.jsonl"), split="train")
-    with mock.patch.object(rollout, "stop_token_ids", lambda model, tokenizer: set()), \
+    with mock.patch.object(sampler, "stop_token_ids", lambda model, tokenizer: set()), \
             mock.patch.object(rollout, "parse_feedback", lambda text: dataclasses.replace(flagged, feedback=text)), \
             mock.patch.object(train, "rollout", measured_rollout):
         summary = train.train(args, judge=prompt_label_judge, prompts=prompts)

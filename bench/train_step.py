@@ -12,7 +12,7 @@ log(y) = c + p_len * log(length) + p_batch * log(batch) over all grid points.
 
 Measurement choices (say them when you quote the numbers):
 - EOS is suppressed for the conversation agent (by default; --allow-eos turns it off) so every answer really has
-  `length` tokens: rollout.stop_token_ids is patched to return no stop token while the conversation adapter is
+  `length` tokens: sampler.stop_token_ids is patched to return no stop token while the conversation adapter is
   active. The feedback agent stops normally (and early-stops on "ok" labels), so its length is what the model
   chooses, up to Args.feedback_max_new_tokens. Other Args keep train.py's defaults (2 PPO epochs, minibatch 8, ...).
 - Each (length, batch, repeat) runs in a fresh subprocess: peak RSS is monotone over a process's life, so one
@@ -118,18 +118,18 @@ class PhaseMemory:
         setattr(module, name, wrapped)
 
 
-def suppress_conversation_eos(rollout_module):
-    """Patch rollout.stop_token_ids: no stop token while the conversation adapter is active (answers hit the limit)."""
-    original = rollout_module.stop_token_ids
+def suppress_conversation_eos(sampler_module):
+    """Patch sampler.stop_token_ids: no stop token while the conversation adapter is active (answers hit the limit)."""
+    original = sampler_module.stop_token_ids
 
     def stop_token_ids(model, tokenizer):
         return set() if getattr(model, "active_adapter", None) == "conversation" else original(model, tokenizer)
 
-    rollout_module.stop_token_ids = stop_token_ids
+    sampler_module.stop_token_ids = stop_token_ids
 
 
 def worker(args) -> dict:
-    import rollout
+    import sampler
     import train
     import training_run
     from judge import load_judge
@@ -137,7 +137,7 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.allow_eos:
-        suppress_conversation_eos(rollout)
+        suppress_conversation_eos(sampler)
     judge = load_judge(args.judge)
     judge(["warm-up"], ["Sure, here it is."], ["benign"])  # loads the refusal detector's embedder once
     memory = PhaseMemory()

@@ -9,6 +9,7 @@ import torch
 
 import infer
 import rollout
+import sampler
 from feedback_parser import ParsedFeedback
 from models import attach_agents, load_base, use_agent
 from reward import Labels
@@ -104,7 +105,7 @@ def fake_early_stop(text):
 
 def test_rollout_with_the_prefix_cache_samples_exactly_what_it_samples_without(agents, monkeypatch):
     model, tokenizer = agents
-    monkeypatch.setattr(rollout, "labels_prefix_complete", fake_early_stop)
+    monkeypatch.setattr(sampler, "labels_prefix_complete", fake_early_stop)
     flag = ParsedFeedback(Labels(True, False), "Refuse the harmful part.", "because")
     ok = ParsedFeedback(Labels(False, False), "", "fine")
     verdicts = [flag, ok, flag, ok, None]  # per feedback turn, in call order: prompts 0 and 2 are revised
@@ -166,7 +167,7 @@ def test_forward_passes_per_turn(agents, monkeypatch):
     calls = []
     hook = model.get_base_model().register_forward_pre_hook(lambda module, args, kwargs: calls.append(
         tuple(kwargs["input_ids"].shape)), with_kwargs=True)
-    monkeypatch.setattr(rollout, "stop_token_ids", lambda m, t: set())  # every row decodes exactly n tokens
+    monkeypatch.setattr(sampler, "stop_token_ids", lambda m, t: set())  # every row decodes exactly n tokens
     try:
         contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=record(p, i))))
                     for i, p in enumerate(PROMPTS[:3])]
