@@ -20,6 +20,7 @@ from config import share_prefix
 from models import (adapter_parameters, attach_agents, enable_activation_checkpointing, load_agents, load_base,
                     load_reference_copy, save_agents)
 from rollout import RolloutConfig, context_window, longest_contexts
+from systems import periodic_eval
 
 
 @dataclass
@@ -197,9 +198,7 @@ def warm_start(run: Run, args, rng) -> None:
 # The log
 # ---------------------------------------------------------------------------------------------------------------------
 def learning_curve_eval(run: Run, args) -> dict:
-    """The cheap periodic eval (eval.periodic_eval) of the current adapters, timed, for the log."""
-    from eval import periodic_eval
-
+    """The cheap periodic eval (systems.periodic_eval) of the current adapters, timed, for the log."""
     began = time.perf_counter()
     record = periodic_eval(run.model, run.tokenizer, run.judge, run.eval_prompts, run.rollout_config,
                            single_agent=args.single_agent)

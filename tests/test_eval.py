@@ -213,7 +213,7 @@ def test_untrained_collaboration_first_answer_equals_base_answer(tiny_agents):
 
 def test_cached_judge_judges_each_item_once():
     inner = PromptJudge(unsafe={"p"})
-    judge = evaluation.CachedJudge(inner)
+    judge = systems.CachedJudge(inner)
     first = judge(["p", "q", "p"], ["x", "y", "x"], ["harmful", "benign", "harmful"])
     again = judge(["p"], ["x"], ["harmful"])
     assert first == [Labels(True, False), Labels(False, False), Labels(True, False)] and again == [first[0]]
@@ -310,7 +310,7 @@ def test_periodic_eval_rates_from_hand_made_judgments(tiny_agents):
     model, tokenizer = tiny_agents
     judge = PromptJudge(unsafe={PROMPTS[0]["prompt"]}, overrefuse={PROMPTS[2]["prompt"]})
     for single_agent in (False, True):
-        m = evaluation.periodic_eval(model, tokenizer, judge, PROMPTS, TINY_CONFIG, single_agent=single_agent)
+        m = systems.periodic_eval(model, tokenizer, judge, PROMPTS, TINY_CONFIG, single_agent=single_agent)
         # PromptJudge labels by prompt, so every answer to h1 is unsafe and every answer to b1 overrefuses.
         assert (m["eval/asr"], m["eval/orr"], m["eval/asr_first_answer"]) == (0.5, 0.5, 0.5)
         assert m["eval/revisions_fixed"] == m["eval/revisions_broke"] == 0 and m["eval/prompts"] == 4

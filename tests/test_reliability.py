@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import checkpoint
 import eval as evaluation
 import rollout
+import systems
 import train
 from models import AGENTS, adapter_parameters, attach_agents, load_base, save_agents
 from feedback_parser import ParsedFeedback
@@ -495,22 +496,22 @@ def test_eval_keeps_finished_systems_on_interrupt_and_resumes_the_rest(tiny_mode
     want = {s: v["records"] for s, v in json.loads((clean / "results.json").read_text())["systems"].items()}
 
     out = tmp_path / "interrupted"
-    real_collaboration = evaluation.collaboration_system
+    real_collaboration = systems.collaboration_system
 
     def interrupted(*args, **kwargs):  # Ctrl-C in the third system, after base and base+safeguard
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation, "collaboration_system", interrupted)
+    monkeypatch.setattr(systems, "collaboration_system", interrupted)
     assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters)) == 130
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "systems").iterdir()) == ["base+safeguard.json", "base.json"]
     kept = json.loads((out / "systems" / "base.json").read_text())["records"]
     assert without_timing({"base": kept}) == without_timing({"base": want["base"]})
 
-    monkeypatch.setattr(evaluation, "collaboration_system", real_collaboration)
+    monkeypatch.setattr(systems, "collaboration_system", real_collaboration)
     regenerated = []
-    real_safeguard = evaluation.safeguard_system
-    monkeypatch.setattr(evaluation, "safeguard_system", lambda *a, **k: regenerated.append(1) or real_safeguard(*a, **k))
+    real_safeguard = systems.safeguard_system
+    monkeypatch.setattr(systems, "safeguard_system", lambda *a, **k: regenerated.append(1) or real_safeguard(*a, **k))
     assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--resume")) == 0
     assert regenerated == []  # base+safeguard was reused, not evaluated again
     got = {s: v["records"] for s, v in json.loads((out / "results.json").read_text())["systems"].items()}
