@@ -39,7 +39,7 @@ def feedback_context(tokenizer) -> list:
     prompt = "What is a good way to learn to cook simple meals at home?"
     answer = ("Start with a few recipes you like, such as pasta, soups and stir-fries, and cook each one several "
               "times. Keep a small set of staples at home and learn basic knife skills.")
-    return rollout.chat_ids(tokenizer, rollout.feedback_messages(prompt, answer), rollout.FEEDBACK_PREFILL)
+    return sampler.chat_ids(tokenizer, rollout.feedback_messages(prompt, answer), rollout.FEEDBACK_PREFILL)
 
 
 def sample_step_seconds(model, tokenizer, context, prefix, batch, steps) -> float:

@@ -5,7 +5,7 @@ each prompt costs c_0, then f_0, then (only if f_0 flags c_0) a revision c_1. Ev
 back-to-back in the same process, because the machine may be shared and absolute numbers drift: read the ratios.
 Four parts (--parts picks some):
 
-1. step: one decoding step of rollout.sample against a bare model forward of the same shape (the sampler's own
+1. step: one decoding step of sampler.sample against a bare model forward of the same shape (the sampler's own
    overhead), a preallocated StaticCache against the DynamicCache, and tokens/s against the batch size: where the
    step stops being bound by reading the weights (bench/decode_step.py has the details).
 2. throughput (training-style rollouts). For each batch size B: tokens/s of `rollout.rollout` (default

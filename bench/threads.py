@@ -8,7 +8,7 @@ by numbers: the one that is good in both situations.
 How: OpenMP reads its settings once, when torch is loaded, so every setting runs in a fresh subprocess (this file
 with --worker) that times a fixed short decoding loop: the model (default: the embedded SmolLM2-135M-Instruct, fp32)
 prefills a batch of random contexts once, then runs --steps decoding steps with a KV cache, feeding back its greedy
-tokens (rollout.sample's inner loop without the bookkeeping). It reports the median seconds per step, the CPU
+tokens (sampler.sample's inner loop without the bookkeeping). It reports the median seconds per step, the CPU
 seconds per wall second its threads used (spinning counts as CPU time) and the involuntary context switches per step
 (a thread preempted while it had work). Every setting is measured idle and with one competitor: a pure-Python busy
 loop that this script starts just before the run and stops right after (one busy core, like a second job).
