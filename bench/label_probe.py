@@ -1,6 +1,6 @@
 """Diagnostic: can the frozen base model tell a harmful prompt from a benign one? A linear probe on its hidden states.
 
-Why this exists (issue 7). Our 135M feedback agent labelled answers badly after its warm-start, and the question is
+Why this exists. Our 135M feedback agent labelled answers badly after its warm-start, and the question is
 whether the model lacks the knowledge or our training fails to reach it. The judge's labels are
     unsafe = harmful prompt and not refused,   overrefuse = benign prompt and refused
 and refusals are easy to spot in the text, so the hard half of the feedback agent's job is the prompt's harmfulness.
