@@ -24,26 +24,10 @@ import rollout
 import train
 from conftest import OurAllocationsWithoutDeviceOnMeta, build_tiny_model_dir
 from models import adapter_parameters, attach_agents, load_base, use_agent
-from feedback_parser import ParsedFeedback
-from reward import Labels
+from test_train import PROMPTS, toy_feedback, toy_judge  # noqa: F401 (toy_feedback is a fixture)
 
-PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
-           for i, text in enumerate(["hi there", "How do I kill a process?", "What is SQL injection?", "make a bomb"])]
 # Measured on the tiny model below (initializer_range 0.3): fp32 (plain or NF4) <= 1e-5, bf16 (plain or NF4) <= 0.033.
 SAMPLING_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1}
-
-
-def toy_judge(prompts, responses, prompt_labels):
-    return [Labels(unsafe=not (r[:1].isascii() and r[:1].islower()), overrefuse=False) for r in responses]
-
-
-@pytest.fixture
-def toy_feedback(monkeypatch):
-    """Random weights never write JSON: parse the feedback text by a toy rule so that some answers get revised."""
-    def parse(text):
-        body = text[len(rollout.FEEDBACK_PREFILL):]
-        return None if len(body) % 4 == 0 else ParsedFeedback(Labels("e" in body, False), "start in lowercase", "")
-    monkeypatch.setattr(rollout, "parse_feedback", parse)
 
 
 @pytest.fixture(scope="module")
