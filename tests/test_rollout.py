@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rollout
+import sampler
 from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
 from models import attach_agents, load_base, use_agent
 from reward import Labels, trajectory_rewards
@@ -392,3 +393,28 @@ def test_format_trajectory_shows_prompt_labels_and_rewards():
     garbled_page = format_trajectory(trajectories[2], trajectory_rewards(trajectories[2]))
     assert "UNPARSEABLE" in garbled_page and "R_f=0.00" in garbled_page
     assert "PROMPT" in format_trajectory(trajectories[1])  # rewards are optional
+
+
+def test_draw_tokens_follows_the_probabilities_and_never_draws_a_zero():
+    """sampler.draw_tokens (inverse CDF) against the distribution it samples: frequencies within 4 standard errors of
+    the probabilities, a zero-probability token never drawn (also at the ends of the vocabulary), one token per row."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.9, 0.0, 0.1, 0.0, 0.0, 0.0]])
+    torch.manual_seed(0)
+    n = 20000
+    draws = torch.stack([sampler.draw_tokens(probs) for _ in range(n)])  # [n, rows]
+    assert draws.shape == (n, 3) and draws.dtype == torch.long
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=6).double() / n
+        p = probs[row].double()
+        assert torch.all(freq[p == 0] == 0), (row, freq)
+        assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-12), (row, freq, p)
+
+
+def test_draw_tokens_guards_a_uniform_rounded_up_to_the_total(monkeypatch):
+    """If rand() * total rounds up to the total, searchsorted points past the vocabulary: the row must then take its
+    last token with probability > 0, not an index out of range or a zero-probability token."""
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))  # u == total exactly
+    assert sampler.draw_tokens(probs).tolist() == [1, 2]
