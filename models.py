@@ -196,6 +196,18 @@ def disable_bnb_cpu_repack(model) -> int:
     return patched
 
 
+def quiet_peft_wrapping():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and transformers prints a
+    FutureWarning for it on every run: a warning about library internals that the user cannot act on."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    return stack
+
+
 def attach_agents(base, rank: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear"):
     """Wrap the base model with two LoRA adapters, one per agent; returns the PeftModel (both adapters zero-init)."""
     from peft import LoraConfig, get_peft_model
@@ -203,7 +215,8 @@ def attach_agents(base, rank: int = 16, alpha: int = 32, dropout: float = 0.0, t
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
-    model = get_peft_model(base, config, adapter_name=AGENTS[0])
+    with quiet_peft_wrapping():
+        model = get_peft_model(base, config, adapter_name=AGENTS[0])
     model.add_adapter(AGENTS[1], config)
     use_agent(model, AGENTS[0])
     return model
@@ -329,7 +342,8 @@ def load_agents(base, directory, trainable: bool = True):
     directory = Path(directory)
     for name in AGENTS:
         check_saved_adapter(directory / name)
-    model = PeftModel.from_pretrained(base, directory / AGENTS[0], adapter_name=AGENTS[0], is_trainable=trainable)
+    with quiet_peft_wrapping():
+        model = PeftModel.from_pretrained(base, directory / AGENTS[0], adapter_name=AGENTS[0], is_trainable=trainable)
     model.load_adapter(directory / AGENTS[1], adapter_name=AGENTS[1], is_trainable=trainable)
     use_agent(model, AGENTS[0])
     return model

@@ -366,3 +366,18 @@ def test_default_model_agents_answer_coherently():
         assert sum(w.isascii() and any(c.isalpha() for c in w) for w in words) >= 0.8 * len(words), answer
         assert "Paris" in answer, f"{agent}: {answer!r}"
     assert base_model_id(model) == "HuggingFaceTB/SmolLM2-135M-Instruct"  # what saved adapters will name as base
+
+
+def test_wrapping_the_agents_prints_no_library_deprecation_warning(tiny_model_dir, tmp_path):
+    """peft touches transformers' deprecated `is_gradient_checkpointing` while wrapping; that FutureWarning reaches
+    every user of train.py/eval.py/infer.py unless models.py silences it (creating and loading adapters)."""
+    import warnings
+
+    from models import attach_agents, load_agents, load_base, save_agents
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = attach_agents(load_base(tiny_model_dir, load_in_4bit=False)[0])
+        save_agents(model, tmp_path / "adapters")
+        load_agents(load_base(tiny_model_dir, load_in_4bit=False)[0], tmp_path / "adapters")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
