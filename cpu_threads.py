@@ -3,38 +3,73 @@
 PyTorch's CPU kernels run on an OpenMP thread team (GNU libgomp in the pip wheels). When a thread finishes its part
 of a parallel region it waits for the next region: first it spins, then it sleeps. A decoding step is hundreds of
 short kernels, so how long it spins decides two things:
-
 - alone on the machine, spinning is fastest: the thread is awake when the next kernel starts. libgomp spins for
-  ~300,000 iterations (a few ms) by default, and for minutes with OMP_WAIT_POLICY=ACTIVE;
+  ~300,000 iterations (a few ms) by default;
 - beside another busy process it is the slowest: a waiting thread spins on a core that a descheduled teammate needs,
   every region waits for its slowest thread, and runs get several times slower (the quickstart beside one light
   process: over 3x, with ~200k involuntary context switches). OMP_WAIT_POLICY=PASSIVE (never spin) removes that
   collapse, but every region then pays a wake-up: alone on the machine, `--preset cpu` iterations got ~1.5x slower.
 
-Our default is in between: a bounded spin of GOMP_SPINCOUNT=10000 iterations (~0.1 ms at libgomp's own estimate of
-100,000 spins per ms). That covers the gap between two kernels of one forward pass (tens of microseconds of Python),
-so an idle machine keeps the speed of spinning, and a thread gives its core back after 0.1 ms, not a few ms, when
-another process wants it. KMP_BLOCKTIME=1 (ms) is the same bound for Intel/LLVM OpenMP builds of torch.
-Measured: pending. `python bench/threads.py` times a fixed decoding loop under these and the other settings, idle
-and beside a busy process it starts itself (docs/performance.md has the table to fill in).
+No single setting was good in both situations in our first measurement (bench/threads.py, one run per cell,
+docs/performance.md): idle, the libgomp default was the fastest and a bounded spin of GOMP_SPINCOUNT=10000 1.6x
+slower; beside one busy process the default was 5x slower than PASSIVE. So the choice is made per run, from what the machine is doing when the process
+starts: we read /proc/stat twice, 0.2 s apart, before torch is loaded, and if other processes keep at least
+BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE); otherwise nothing is set and libgomp
+spins as usual. The limit: a process that starts *after* ours is not seen (then export OMP_WAIT_POLICY=PASSIVE).
 
 Rules: OpenMP reads these variables once, when torch is loaded, so this module must be imported before torch (each
-entry point imports it first). It only fills in what you have not set: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or
-KMP_BLOCKTIME yourself and yours is used (with OMP_WAIT_POLICY set we add nothing, as GOMP_SPINCOUNT would override
-the policy's own spin). The number of threads stays torch's default (one per core); OMP_NUM_THREADS sets it.
+entry point imports it first). It only decides when you have not: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or
+KMP_BLOCKTIME yourself and nothing is added. On systems without /proc/stat nothing is set. The number of threads
+stays torch's default (one per core); OMP_NUM_THREADS sets it. `CHOICE` records what was decided and why.
 """
 import os
+import time
 
-DEFAULTS = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+BUSY_CORES = 0.25  # other processes' CPU use, in cores, from which our threads sleep instead of spinning
+WINDOW_S = 0.2  # how long the machine is watched before the choice
+USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
-def apply(environ=os.environ) -> dict:
-    """Fill in DEFAULTS where neither they nor OMP_WAIT_POLICY are set; returns what was set."""
-    if "OMP_WAIT_POLICY" in environ:
+def read_cpu_times(path="/proc/stat"):
+    """(busy, total) jiffies summed over all CPUs, and the number of CPUs, from /proc/stat; None if unreadable."""
+    try:
+        with open(path) as stat:
+            lines = stat.read().splitlines()
+        values = [int(v) for v in lines[0].split()[1:]]  # user nice system idle iowait irq softirq steal ...
+        cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total, cpus
+
+
+def busy_cores_elsewhere(window_s=WINDOW_S, read=read_cpu_times, sleep=time.sleep):
+    """How many cores other processes kept busy over the window (this process sleeps through it); None if unknown."""
+    first = read()
+    sleep(window_s)
+    second = read()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    return (second[0] - first[0]) / (second[1] - first[1]) * second[2]
+
+
+def apply(environ=os.environ, busy_cores=None) -> dict:
+    """Decide the wait policy unless the user did; returns the variables set (busy_cores: measured if None)."""
+    global CHOICE
+    if any(name in environ for name in USER_VARIABLES):
+        CHOICE = "yours (an OpenMP wait variable was set)"
         return {}
-    added = {name: value for name, value in DEFAULTS.items() if name not in environ}
-    environ.update(added)
-    return added
+    if busy_cores is None:
+        busy_cores = busy_cores_elsewhere()
+    if busy_cores is None or busy_cores < BUSY_CORES:
+        CHOICE = "spin (libgomp default): " + ("load unknown" if busy_cores is None else
+                                                 f"other processes used {busy_cores:.2f} cores at start")
+        return {}
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    CHOICE = f"OMP_WAIT_POLICY=PASSIVE: other processes used {busy_cores:.2f} cores at start"
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+CHOICE = ""
 apply()

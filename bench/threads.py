@@ -14,7 +14,8 @@ seconds per wall second its threads used (spinning counts as CPU time) and the i
 loop that this script starts just before the run and stops right after (one busy core, like a second job).
 
 Settings (--settings picks some): `default` sets nothing (libgomp spins ~300,000 iterations, a few ms); `project` is
-cpu_threads.DEFAULTS (what train.py, infer.py and eval.py use); `passive` and `active` set OMP_WAIT_POLICY;
+what train.py, infer.py and eval.py do: the worker imports cpu_threads first, which looks at the machine's load (the
+busy loop included) and chooses (its choice is printed); `passive` and `active` set OMP_WAIT_POLICY;
 `spin=N` sets GOMP_SPINCOUNT=N. Each runs with every thread count in --threads (default: 1 and all cores).
 
     python bench/threads.py                                    all settings, 1 and all threads (~5 min on 2 cores)
@@ -34,7 +35,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     "default": {},
-    "project": None,  # cpu_threads.DEFAULTS, read when the grid is built (importing it here would set them for us)
+    "project": {},  # nothing set here: the worker imports cpu_threads, which decides from the load it sees
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
     "spin=1000": {"GOMP_SPINCOUNT": "1000"},
@@ -48,6 +49,11 @@ def worker(args) -> None:
     import resource
 
     sys.path.insert(0, REPO)
+    choice = "not imported"
+    if args.project:
+        import cpu_threads  # before torch, as in train.py: its choice depends on the load at this moment
+
+        choice = cpu_threads.CHOICE
     import torch
     from transformers import DynamicCache
 
@@ -75,16 +81,16 @@ def worker(args) -> None:
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     print(json.dumps({"step_s": statistics.median(step_seconds[args.warmup:]), "cpu_per_wall": cpu / wall,
                       "involuntary_switches_per_step": (after.ru_nivcsw - usage.ru_nivcsw) / args.steps,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(), "cpu_threads": choice}))
 
 
-def run_setting(args, variables: dict, threads: int, busy: bool) -> dict:
+def run_setting(args, variables: dict, threads: int, busy: bool, project: bool = False) -> dict:
     """One fresh subprocess with exactly these OpenMP variables (inherited ones removed), maybe beside a competitor."""
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     env.update(variables, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model, "--batch",
                str(args.batch), "--context", str(args.context), "--steps", str(args.steps), "--warmup",
-               str(args.warmup)]
+               str(args.warmup)] + (["--project"] if project else [])
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -114,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed decoding steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decoding steps before them")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--project", action="store_true", help=argparse.SUPPRESS)  # worker: import cpu_threads
     args = parser.parse_args(argv)
     if min(args.batch, args.context, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch, --context and --steps must be >= 1 and --warmup >= 0")
@@ -123,12 +130,7 @@ def main(argv=None):
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     grid = {}
     for name in names:
-        if name == "project":
-            sys.path.insert(0, REPO)
-            from cpu_threads import DEFAULTS  # importing it fills in os.environ: run_setting strips them again
-
-            grid[name] = dict(DEFAULTS)
-        elif name in SETTINGS:
+        if name in SETTINGS:
             grid[name] = SETTINGS[name]
         elif name.startswith("spin=") and name[5:].isdigit():
             grid[name] = {"GOMP_SPINCOUNT": name[5:]}
@@ -152,10 +154,12 @@ def main(argv=None):
         for threads in thread_counts:
             row = {"setting": name, "threads": threads}
             for situation in situations:
-                row[situation] = run_setting(args, variables, threads, busy=situation == "busy")
+                row[situation] = run_setting(args, variables, threads, busy=situation == "busy",
+                                             project=name == "project")
             results.append(row)
             print(f"  {name}, {threads} thread(s): " + ", ".join(
-                f"{s} {1000 * row[s]['step_s']:.1f} ms/step" for s in situations), flush=True)
+                f"{s} {1000 * row[s]['step_s']:.1f} ms/step" + (f" ({row[s]['cpu_threads']})" if name == "project"
+                                                                else "") for s in situations), flush=True)
 
     best = {s: min(r[s]["step_s"] for r in results) for s in situations}
     head = (f"{'setting':>12} | {'threads':>7} | " + " | ".join(

@@ -1,4 +1,5 @@
-"""cpu_threads.py: the OpenMP wait defaults fill in only what the user left unset, and reach OpenMP before torch."""
+"""cpu_threads.py: the OpenMP wait policy is chosen from the machine's load at start, only when the user did not choose
+it, and reaches OpenMP before torch."""
 import ast
 
 import pytest
@@ -7,21 +8,56 @@ import cpu_threads
 from conftest import PROJECT_ROOT
 
 
-def test_defaults_fill_in_only_what_is_unset():
-    environ = {"PATH": "/bin"}
-    assert cpu_threads.apply(environ) == {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
-    assert environ == {"PATH": "/bin", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
-    assert cpu_threads.apply(environ) == {}  # a second import changes nothing
+def test_an_idle_machine_keeps_the_spin_and_a_busy_one_gets_passive():
+    idle = {"PATH": "/bin"}
+    assert cpu_threads.apply(idle, busy_cores=0.05) == {} and idle == {"PATH": "/bin"}
+    assert cpu_threads.CHOICE.startswith("spin")
+    busy = {"PATH": "/bin"}
+    assert cpu_threads.apply(busy, busy_cores=1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert busy == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"} and "1.00 cores" in cpu_threads.CHOICE
+    assert cpu_threads.apply(busy, busy_cores=0.0) == {}  # a second import changes nothing: the policy is set now
+    edge = {}
+    assert cpu_threads.apply(edge, busy_cores=cpu_threads.BUSY_CORES) == {"OMP_WAIT_POLICY": "PASSIVE"}
 
-    mine = {"GOMP_SPINCOUNT": "0"}
-    assert cpu_threads.apply(mine) == {"KMP_BLOCKTIME": "1"} and mine["GOMP_SPINCOUNT"] == "0"
+
+def test_unknown_load_sets_nothing(monkeypatch):
+    assert cpu_threads.busy_cores_elsewhere(read=lambda: None, sleep=lambda s: None) is None
+    monkeypatch.setattr(cpu_threads, "busy_cores_elsewhere", lambda: None)  # e.g. no /proc/stat
+    environ = {}
+    assert cpu_threads.apply(environ) == {} and environ == {} and "unknown" in cpu_threads.CHOICE
 
 
-@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE", "passive"])
-def test_a_chosen_wait_policy_is_left_alone(policy):
-    # In libgomp GOMP_SPINCOUNT overrides the policy's spin count, so with a policy set we must not add it.
-    environ = {"OMP_WAIT_POLICY": policy}
-    assert cpu_threads.apply(environ) == {} and environ == {"OMP_WAIT_POLICY": policy}
+@pytest.mark.parametrize("variable", ["OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"])
+def test_a_users_openmp_setting_is_left_alone(variable):
+    # In libgomp GOMP_SPINCOUNT overrides the policy's spin count, so with any of these set we add nothing.
+    environ = {variable: "0"}
+    assert cpu_threads.apply(environ, busy_cores=2.0) == {} and environ == {variable: "0"}
+
+
+def test_busy_cores_from_two_readings_of_proc_stat(tmp_path):
+    """Hand-computed: between the readings 400 jiffies passed on 4 CPUs, 150 of them busy -> 1.5 cores."""
+    stats = iter([
+        "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1\ncpu1 1\ncpu2 1\ncpu3 1\nintr 5\n",
+        "cpu  200 0 100 1020 80 0 0 0 0 0\ncpu0 1\ncpu1 1\ncpu2 1\ncpu3 1\nintr 9\n",
+    ])
+    path = tmp_path / "stat"
+
+    def read():
+        path.write_text(next(stats))
+        return cpu_threads.read_cpu_times(path)
+
+    slept = []
+    assert cpu_threads.busy_cores_elsewhere(read=read, sleep=slept.append) == pytest.approx(1.5)
+    assert slept == [cpu_threads.WINDOW_S]
+    assert cpu_threads.read_cpu_times(tmp_path / "missing") is None
+
+
+def test_the_real_proc_stat_reads(tmp_path):
+    reading = cpu_threads.read_cpu_times()
+    if reading is None:
+        pytest.skip("no /proc/stat on this system")
+    busy, total, cpus = reading
+    assert 0 <= busy <= total and cpus >= 1
 
 
 @pytest.mark.parametrize("entry_point", ["train.py", "infer.py", "eval.py"])
