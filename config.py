@@ -76,8 +76,13 @@ class Args:
 
     def __post_init__(self):
         if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
-            self.stage1_iterations, self.stage2_iterations, self.prompts_per_iteration = 6, 10, 16
-            self.warmstart_epochs, self.warmstart_label_weight, self.stage2_lam = 2, 10.0, 0.5
+            self.warmstart_epochs, self.warmstart_prompts, self.warmstart_label_weight = 2, 128, 10.0
+            self.stage1_iterations, self.stage2_iterations, self.stage2_lam = 3, 6, 0.5
+            # 8 prompts x 4 samples: the group baseline, and a batch of 32 rows costs little more per decoding step
+            # than 16 (decoding is bound by reading the weights); 10x the default conversation learning rate, as the
+            # conversation agent barely moved at 5e-5 (docs/experiments.md).
+            self.prompts_per_iteration, self.samples_per_prompt, self.conversation_lr = 8, 4, 5e-4
+            self.eval_every = 3  # learning curves: a greedy eval of 24 fixed eval-split prompts every 3 iterations
         elif self.preset:
             raise SystemExit(f"--preset: unknown preset '{self.preset}' (known: cpu)")
 
@@ -108,8 +113,9 @@ class Args:
                              "all 0")
 
 
-PRESET_FIELDS = {"cpu": ("stage1_iterations", "stage2_iterations", "prompts_per_iteration", "warmstart_epochs",
-                         "warmstart_label_weight", "stage2_lam")}
+PRESET_FIELDS = {"cpu": ("warmstart_epochs", "warmstart_prompts", "warmstart_label_weight", "stage1_iterations",
+                         "stage2_iterations", "stage2_lam", "prompts_per_iteration", "samples_per_prompt",
+                         "conversation_lr", "eval_every")}
 
 
 def parse_args(argv=None) -> Args:

@@ -321,7 +321,8 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     total = run.stage1_iterations + args.stage2_iterations
     completed, boundary, saved = run.start, rng_state(rng), (run.start if args.resume else None)
     history = []
-    bar = tqdm(range(run.start, total), initial=run.start, total=total, desc="WaltzRL", unit="it")
+    bar = tqdm(range(run.start, total), initial=run.start, total=total, unit="it",
+               desc="single-agent RL" if args.single_agent else "WaltzRL")
     stop = StopSignals().install()
     try:
         for iteration in bar:
@@ -344,10 +345,11 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             write_log(run, record)
             history.append(record)
             completed, boundary = iteration + 1, rng_state(rng)
+            shown = {} if args.single_agent else {"Rf": "feedback_reward", "fmt": "format_rate",
+                                                  "acc": "label_accuracy", "ftr": "ftr"}
             bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
-                            f"{record['conversation_reward_after']:.2f}", Rf=f"{record['feedback_reward']:.2f}",
-                            fmt=f"{record['format_rate']:.2f}", acc=f"{record['label_accuracy']:.2f}",
-                            ftr=f"{record['ftr']:.2f}")
+                            f"{record['conversation_reward_after']:.2f}",
+                            **{name: f"{record[key]:.2f}" for name, key in shown.items()})
             if completed % args.save_every == 0:
                 save_checkpoint(model, optimizers, completed, args, boundary, run.checkpoint)
                 saved = completed
@@ -372,7 +374,8 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
                          "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
     finally:
         stop.restore()
-    return {"history": history, "adapters": str(run.out / "adapters"), "log": str(run.log_path), "model": model}
+    return {"history": history, "adapters": str(run.out / "adapters"), "log": str(run.log_path), "model": model,
+            "single_agent": args.single_agent}
 
 
 if __name__ == "__main__":

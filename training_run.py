@@ -227,16 +227,19 @@ def print_summary(summary: dict) -> None:
         print(f"\nran {len(history)} iterations ({stage1} in stage 1, {len(history) - stage1} in stage 2); time: "
               + ", ".join(f"{k} {v:.0f}s" for k, v in split.items()))
         print("run means of the per-iteration batch values:")
-        for key, name in (("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
-                          ("ftr", "feedback trigger rate"), ("conversation_reward_after", "R_c of the final answers")):
+        feedback_rates = () if summary.get("single_agent") else (
+            ("format_rate", "feedback format rate"), ("label_accuracy", "feedback label accuracy"),
+            ("ftr", "feedback trigger rate"))
+        for key, name in feedback_rates + (("conversation_reward_after", "R_c of the final answers"),):
             print(f"  {name:28s} {mean(key):6.3f}")
         print("how far each agent has moved from its reference policy (KL per token, measured in its last update):")
         for agent in ("feedback", "conversation"):
             kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
             print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
-        batch = history[-1].get("feedback/samples")
+        batch = history[-1].get("feedback/samples") or history[-1].get("conversation/samples")
         print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
               f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
               f"README \"Results\": python train.py --preset cpu (~46 min on 2 cores), then eval.py.")
     print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
-          f"next: python eval.py --adapters {summary['adapters']}")
+          f"next: python eval.py --{'single-agent-' if summary.get('single_agent') else ''}adapters "
+          f"{summary['adapters']}")

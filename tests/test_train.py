@@ -253,7 +253,7 @@ def test_non_finite_loss_skips_the_step(tiny_model_dir, tmp_path, monkeypatch, t
 
 def test_cli_help_and_preset():
     args = train.parse_args(["--preset", "cpu", "--stage2-iterations", "3"])
-    assert args.stage1_iterations == 6 and args.stage2_iterations == 3  # preset, but the explicit flag wins
+    assert args.stage1_iterations == 3 and args.stage2_iterations == 3  # preset, but the explicit flag wins
     assert args.warmstart_epochs == 2 and train.parse_args([]).warmstart_epochs == 0  # the warm-start: preset only
     assert (args.stage2_lam, args.warmstart_label_weight) == (0.5, 10.0)  # the preset's departures ...
     assert (train.parse_args([]).stage2_lam, train.parse_args([]).warmstart_label_weight) == (0.0, 1.0)  # not default
@@ -329,3 +329,15 @@ def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
     assert "conversation                 not trained in this run" in out
     assert "1/6" in out and "--preset cpu" in out and "first" not in out
     assert "next: python eval.py --adapters run/adapters" in out
+
+
+def test_print_summary_of_a_single_agent_run_shows_no_feedback_rates_and_the_right_eval_flag(capsys):
+    history = [{"stage": 2, "format_rate": float("nan"), "label_accuracy": float("nan"), "ftr": 0.0,
+                "conversation_reward_after": 0.5, "time_rollout": 30.0, "time_judge": 1.0, "time_update": 10.0,
+                "conversation/samples": 32, "conversation/kl": 1e-2}]
+    train.print_summary({"history": history, "log": "run/log.jsonl", "adapters": "run/adapters",
+                         "single_agent": True})
+    out = capsys.readouterr().out
+    assert "feedback format rate" not in out and "feedback trigger rate" not in out
+    assert "R_c of the final answers      0.500" in out and "1/32" in out
+    assert "next: python eval.py --single-agent-adapters run/adapters" in out
