@@ -24,6 +24,7 @@ import rollout
 import train
 from conftest import OurAllocationsWithoutDeviceOnMeta, build_tiny_model_dir
 from models import adapter_parameters, attach_agents, load_base, use_agent
+from reward import Labels
 from test_train import PROMPTS, toy_feedback, toy_judge  # noqa: F401 (toy_feedback is a fixture)
 
 # Measured on the tiny model below (initializer_range 0.3): fp32 (plain or NF4) <= 1e-5, bf16 (plain or NF4) <= 0.033.
@@ -136,8 +137,13 @@ def test_training_iteration_in_bf16_and_nf4(wide_logits_model_dir, tmp_path, toy
 
     args = tiny_args(wide_logits_model_dir, tmp_path / "run", stage1_iterations=1, dtype="bf16",
                      load_in_4bit=four_bit)
+    # Rewards that differ by prompt whatever is sampled, so both agents get non-zero advantages in stage 2 (with
+    # toy_judge, all four sampled answers can earn the same reward, and then the conversation adapter rightly stays 0).
+    def judge_by_prompt_label(prompts, responses, prompt_labels):
+        return [Labels(unsafe=label == "harmful", overrefuse=False) for label in prompt_labels]
+
     with OurAllocationsWithoutDeviceOnMeta():
-        summary = train.train(args, judge=toy_judge, prompts=PROMPTS)
+        summary = train.train(args, judge=judge_by_prompt_label, prompts=PROMPTS)
     model = summary["model"]
     base = model.get_base_model()
     assert base.get_output_embeddings().weight.dtype == torch.bfloat16
@@ -161,7 +167,7 @@ def test_training_iteration_in_bf16_and_nf4(wide_logits_model_dir, tmp_path, toy
     resumed = tiny_args(wide_logits_model_dir, tmp_path / "run", stage1_iterations=1, stage2_iterations=2,
                         dtype="bf16", load_in_4bit=four_bit, resume=True)
     with OurAllocationsWithoutDeviceOnMeta():
-        summary = train.train(resumed, judge=toy_judge, prompts=PROMPTS)
+        summary = train.train(resumed, judge=judge_by_prompt_label, prompts=PROMPTS)
     assert [h["iteration"] for h in summary["history"]] == [3]
     assert [r["iteration"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
     assert math.isfinite(summary["history"][0]["conversation/loss"])
