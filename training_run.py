@@ -239,7 +239,7 @@ def print_summary(summary: dict) -> None:
         batch = history[-1].get("feedback/samples") or history[-1].get("conversation/samples")
         print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
               f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
-              f"README \"Results\": python train.py --preset cpu (~46 min on 2 cores), then eval.py.")
+              f"README \"Results\": python train.py --preset cpu, then eval.py.")
     print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
           f"next: python eval.py --{'single-agent-' if summary.get('single_agent') else ''}adapters "
           f"{summary['adapters']}")
