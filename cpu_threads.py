@@ -12,11 +12,12 @@ short kernels, so how long it spins decides two things:
 
 No single setting was good in both situations in our first measurement (bench/threads.py, one run per cell,
 docs/performance.md): idle, the libgomp default was the fastest and a bounded spin of GOMP_SPINCOUNT=10000 1.6x
-slower; beside one busy process the default was 5x slower than PASSIVE. So the choice is made per run, from what
-the machine is doing when the process starts: we read /proc/stat twice, 0.2 s apart, before torch is loaded, and if
-other processes keep at least BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE); otherwise nothing is set and libgomp
-spins as usual. Measured on the quickstart: 290 s idle, 450 s beside one busy loop (docs/performance.md). The
-limit: a process that starts *after* ours is not seen (then export OMP_WAIT_POLICY=PASSIVE).
+slower; beside one busy process the default was 5x slower than PASSIVE. So the choice is made per run, from what the
+machine is doing when the process starts: we read /proc/stat twice, 0.2 s apart, before torch is loaded, and if
+other processes keep at least BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE);
+otherwise nothing is set and libgomp spins as usual. Measured on the quickstart: 290 s idle, 450 s beside one busy
+loop (docs/performance.md). The limit: a process that starts *after* ours is not seen (then export
+OMP_WAIT_POLICY=PASSIVE).
 
 Rules: OpenMP reads these variables once, when torch is loaded, so this module must be imported before torch (each
 entry point imports it first). It only decides when you have not: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or
