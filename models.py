@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -196,16 +197,13 @@ def disable_bnb_cpu_repack(model) -> int:
     return patched
 
 
+@contextmanager
 def quiet_peft_wrapping():
     """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and transformers prints a
     FutureWarning for it on every run: a warning about library internals that the user cannot act on."""
-    import contextlib
-    import warnings
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    return stack
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def attach_agents(base, rank: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear"):
