@@ -4,9 +4,11 @@ One panel per question a reader asks of a WaltzRL run: does the answer get bette
 is the feedback agent paid more (R_f and its parts), does it write parseable, correct labels (format rate, label
 accuracy), how often does it trigger a revision (FTR), is the batch still unsafe / overrefusing, how far the agents
 moved from the reference (KL), where the time goes, and what a cheap greedy eval on a fixed eval subset says while
-training runs (train.py --eval-every). A dashed line marks the start of stage 2.
+training runs (train.py --eval-every). A dashed line marks the start of stage 2. A single-agent run
+(train.py --single-agent) logs no feedback values (NaN), so its feedback panels say so instead of staying blank.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def read_log(path) -> list:
     return records
 
 
+def panel_series(records, keys) -> dict:
+    """{key: [(iteration, value), ...]} for the keys of one panel that have at least one logged number (not NaN)."""
+    series = {}
+    for key in keys:
+        points = [(r["iteration"], r[key]) for r in records
+                  if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        if points:
+            series[key] = points
+    return series
+
+
 def plot_training_log(log_path, png_path=None) -> str:
     import matplotlib
 
@@ -49,18 +62,20 @@ def plot_training_log(log_path, png_path=None) -> str:
     stage2 = next((r["iteration"] for r in records if r.get("stage") == 2), None)
     fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for ax, (title, keys) in zip(axes.flat, PANELS):
-        for key in keys:
-            points = [(i, r[key]) for i, r in zip(iterations, records) if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=key.replace("/", " "))
+        series = panel_series(records, keys)
+        for key, points in series.items():
+            ax.plot(*zip(*points), marker=".", label=key.replace("/", " "))
+        if not series:
+            ax.text(0.5, 0.5, "not in this log", ha="center", va="center", transform=ax.transAxes, color="gray")
         if stage2 is not None and stage2 > iterations[0]:
             ax.axvline(stage2 - 0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        if ax.get_lines():
+        if series:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"WaltzRL training: {log_path}")
+    single_agent = not panel_series(records, ["feedback_reward", "format_rate", "feedback/kl"])
+    fig.suptitle(f"{'single-agent RL' if single_agent else 'WaltzRL'} training: {log_path}")
     fig.tight_layout()
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
