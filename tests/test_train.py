@@ -215,7 +215,9 @@ def test_toy_reward_rises(learnable_tiny_model_dir):
                       ppo_epochs=2, minibatch_size=32, micro_batch_size=32, rollout_batch_size=32, save_every=100)
     history = train.train(args, judge=first_token_judge, prompts=[dict(PROMPTS[0])])["history"]
     rewards = [h["conversation_reward_before"] for h in history]
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards
+    # rewards[0] is the untrained policy's (iteration 1 rolls out before its update); learning can be fast enough
+    # that iteration 2 is already near 1, so the baseline is the first iteration alone.
+    assert sum(rewards[-2:]) / 2 > rewards[0] + 0.2, rewards
 
 
 def test_log_checkpoint_and_resume(tiny_model_dir, tmp_path, toy_feedback):
