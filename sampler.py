@@ -141,9 +141,10 @@ def draw_tokens(probs):
     argmax_i p_i / E_i with E_i ~ Exp(1) independent, which picks token i with probability p_i / sum(p) exactly (the
     first of independent exponential clocks with rates p_i to ring). A zero-probability token never wins (0 / E = 0).
 
-    Why not torch.multinomial: it costs ~75 ms per step at batch 64 over a 49k vocabulary on a CPU (as much as
-    drawing the exponentials with Tensor.exponential_), against ~19 ms here with E = -log(U) from torch.rand (bench/decode_step.py times the step). Why not
-    inverse-CDF sampling (a uniform located in the running sum): it is as fast, but where thousands of tokens have
+    Why not torch.multinomial: ~75 ms per call at batch 64 over a 49k vocabulary on the development CPU, against
+    ~35 ms here with E = -log(U) from torch.rand (`python bench/draw_tokens.py`; a decoding step at batch 64 takes
+    ~500 ms).
+    Why not inverse-CDF sampling (a uniform located in the running sum): ~25 ms, but where thousands of tokens have
     probabilities of ~1e-6 their interval bounds sit closer together than the float noise between two numerically
     different forwards (the prefix-cached and plain paths differ by ~1e-6 in total variation), so the same random
     number drew a different token in ~2 of 1000 draws. The race compares each token only with its own noise: scaling

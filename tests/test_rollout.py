@@ -425,3 +425,11 @@ def test_draw_tokens_is_not_moved_by_float_noise():
     torch.manual_seed(1)
     second = sampler.draw_tokens(perturbed)
     assert (first == second).sum() >= 999
+
+
+def test_draw_tokens_benchmark_runs(capsys):
+    """bench/draw_tokens.py (the numbers behind sampler.draw_tokens' docstring) runs and reports every method."""
+    from bench import draw_tokens as bench_draw
+    bench_draw.main(["--batches", "2", "--vocab", "500", "--repeats", "2", "--rows", "20"])
+    out = capsys.readouterr().out
+    assert "multinomial ms" in out and "race: 0 of 20" in out and "inverse-cdf:" in out
