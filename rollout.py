@@ -26,6 +26,7 @@ Our choices where the paper is silent or we go beyond it:
   truncated distribution and that ratio would be wrong, so RolloutConfig has no top_p (sample() keeps its top_p
   argument for callers that never train on the log-probs it returns).
 """
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,16 @@ REVISION_USER_TEMPLATE = (
 
 FEEDBACK_PREFILL = '{"unsafe":'
 
+# Drafts of the feedback JSON's fixed text (sampler.sample's `draft`): once the text so far ends like the pattern, the
+# draft is probably what comes next, so one forward checks all its tokens instead of one forward per token. The first
+# guesses that both labels are false: an approving turn then costs a single forward (prefill + draft), after which
+# early stop fires. Guessing never changes what is sampled, only how many forwards it takes.
+FEEDBACK_DRAFTS = (
+    (re.compile(r'"unsafe":$'), ' false, "overrefuse": false'),
+    (re.compile(r'"unsafe":\s*(true|false)$'), ', "overrefuse": false'),
+    (re.compile(r'"overrefuse":\s*(true|false)$'), ', "reasoning": "'),
+)
+
 SYSTEM_PROMPTS = {"conversation": CONVERSATION_SYSTEM_PROMPT, "feedback": FEEDBACK_SYSTEM_PROMPT}
 
 
@@ -80,6 +91,7 @@ class RolloutConfig:
     early_stop_ok: bool = True  # stop the feedback agent once it has written unsafe=false and overrefuse=false
     batch_size: int = 64  # contexts generated together (lower it if memory runs out)
     share_prefix: bool = True  # compute each agent's system prompt KV once per rollout() call, not once per row
+    draft_feedback_keys: bool = True  # feed the feedback JSON's fixed text as drafts (FEEDBACK_DRAFTS): fewer forwards
 
 
 @dataclass
@@ -171,6 +183,15 @@ def feedback_messages(prompt: str, answer: str) -> list:
             {"role": "user", "content": FEEDBACK_USER_TEMPLATE.format(prompt=prompt, answer=answer)}]
 
 
+def feedback_drafts(tokenizer):
+    """FEEDBACK_DRAFTS as sampler.sample's `draft`: a row's text so far -> token ids of the draft it is ready for."""
+    drafts = [(pattern, tokenizer(text, add_special_tokens=False)["input_ids"]) for pattern, text in FEEDBACK_DRAFTS]
+
+    def draft(text):
+        return next((ids for pattern, ids in drafts if pattern.search(text)), [])
+    return draft
+
+
 def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill="", prefix_cache=None):
     """Generate one turn for every context with the given agent, in batches; returns a list of Turn.
 
@@ -178,6 +199,7 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
     prefix_cache when one is given (see shared_prefix for how long it may live), else for this call only."""
     use_agent(model, agent)
     prefix_cache = {} if prefix_cache is None else prefix_cache
+    draft = feedback_drafts(tokenizer) if agent == "feedback" and config.draft_feedback_keys else None
     turns = []
     for start in range(0, len(contexts), config.batch_size):
         chunk = contexts[start:start + config.batch_size]
@@ -185,7 +207,7 @@ def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, co
         prefix = shared_prefix(model, tokenizer, agent, chunk, prefix_cache) if config.share_prefix else None
         actions, logprobs, truncated = sample(
             model, tokenizer, chunk, max_new_tokens, temperature, prefix_texts=[prefill] * len(chunk),
-            feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok, prefix=prefix)
+            feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok, prefix=prefix, draft=draft)
         seconds = (time.perf_counter() - began) / len(chunk)
         for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
             text = prefill + tokenizer.decode(action, skip_special_tokens=True)

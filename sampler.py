@@ -153,18 +153,55 @@ def draw_tokens(probs):
     return (probs / exponential).argmax(-1)
 
 
+def next_tokens(logits, temperature, top_p):
+    """Tokens drawn from `logits` (any leading shape, vocabulary last) and their log-probs under the tempered
+    distribution; greedy (argmax, plain log-softmax) when temperature is 0."""
+    logits = logits.float()
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    probs = step_logprobs.exp()
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    tokens = draw_tokens(probs)
+    return tokens, step_logprobs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def drafts_block(drafts, pad_id, device):
+    """Per-row draft token lists as input columns: (ids [batch, k], mask [batch, k]), padded on the right with
+    masked pad tokens; k = the longest draft (0 when no row has one)."""
+    width = max(len(d) for d in drafts)
+    ids = torch.full((len(drafts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(drafts), width), dtype=torch.long, device=device)
+    for row, draft in enumerate(drafts):
+        ids[row, :len(draft)] = torch.tensor(draft, dtype=torch.long, device=device)
+        mask[row, :len(draft)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
-           feedback_json=False, early_stop_ok=False, prefix=None):
+           feedback_json=False, early_stop_ok=False, prefix=None, draft=None):
     """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
 
     feedback_json: the action is the feedback agent's JSON (after prefix_texts): stop a row when its object closes,
     and, with early_stop_ok, as soon as both labels are written and false.
     prefix: a SharedPrefix that every context starts with; its keys/values are reused instead of recomputed.
+    draft: a function from a row's text so far (prefix_texts + decoded action) to token ids that probably come next
+    (rollout.feedback_drafts: the JSON keys). They are fed in the same forward as the row's last token and kept as
+    far as the sampler, drawing at each of their positions from the model's own distribution, draws exactly them:
+    a token drawn that way is a sample like any other, so drafting changes how many forwards a turn takes, never
+    the distribution of what it samples (speculative decoding, Leviathan et al. 2023, Sec. 2.3, with a draft that
+    puts all its mass on one token: accept with probability p(token), else the draw itself is the rejection
+    sample). Drafted tokens the sampler did not draw stay in the KV cache with attention mask 0, as if absent.
 
-    Layout: [shared prefix | left padding | rest of each context]. Left padding puts every context's last token in the
-    same column, so one forward step extends all sequences; the attention mask is 0 on the padding and position ids
-    are the mask's running count, so every row's positions are contiguous (0, 1, 2, ...) as if it were alone.
+    Layout: [shared prefix | left padding | rest of each context | new tokens]. Left padding puts every context's
+    last token in the same column, so one forward step extends all sequences; the attention mask is 0 on the padding
+    and on unconfirmed draft tokens, and position ids are the mask's running count, so every row's positions are
+    contiguous (0, 1, 2, ...) as if it were alone.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -174,60 +211,71 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
         raise ValueError("sample: every context must start with prefix.ids and go on after it")
     rests = [ctx[start:] for ctx in contexts]
     batch, longest = len(rests), max(len(r) for r in rests)
+    prefix_texts = list(prefix_texts) if prefix_texts is not None else [""] * batch
+
+    def drafts_for(texts, active):  # at most what still fits under max_new_tokens after the token drawn last
+        return [draft(text)[:max_new_tokens - len(actions[row]) - 1] if draft is not None and active[row] else []
+                for row, text in enumerate(texts)]
+
+    actions = [[] for _ in range(batch)]
+    logprobs = [[] for _ in range(batch)]
+    done = [False] * batch
+    labels_decided = [False] * batch  # early stop: the two labels have been read for this row
+    texts = list(prefix_texts)  # each row's text so far (kept up to date only when something reads it)
+    drafts = drafts_for(texts, [True] * batch)
+    draft_ids, draft_mask = drafts_block(drafts, pad_id, device)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros((batch, start + longest), dtype=torch.long, device=device)
     attention_mask[:, :start] = 1
     for row, rest in enumerate(rests):
         input_ids[row, longest - len(rest):] = torch.tensor(rest, device=device)
         attention_mask[row, start + longest - len(rest):] = 1
+    input_ids = torch.cat([input_ids, draft_ids], dim=1)
+    attention_mask = torch.cat([attention_mask, draft_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-
-    actions = [[] for _ in range(batch)]
-    logprobs = [[] for _ in range(batch)]
-    done = [False] * batch
-    labels_decided = [False] * batch  # early stop: the two labels have been read for this row
     with_cache = {cache_keyword(model): batch_cache(model, prefix, batch)}  # every step extends it in place
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1, **with_cache)
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if temperature > 0:
-            step_logprobs = torch.log_softmax(logits / temperature, dim=-1)
-            probs = step_logprobs.exp()
-            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-            tokens = draw_tokens(probs)
-        else:
-            step_logprobs = torch.log_softmax(logits, dim=-1)
-            tokens = logits.argmax(-1)
-        token_logprobs = step_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    while True:
+        # The logits at the row's last token and at each draft token after it: position j predicts the token that
+        # follows draft token j - 1, which is the row's next token only if draft tokens 0..j-1 were all drawn.
+        kept = 1 + draft_ids.shape[1]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=kept, **with_cache)
+        tokens, token_logprobs = next_tokens(out.logits[:, -kept:], temperature, top_p)
         # One device-to-host copy per step for the whole batch (not two per row).
-        for row, (token, token_logprob) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
-            if done[row]:
+        for row, (row_tokens, row_logprobs) in enumerate(zip(tokens.tolist(), token_logprobs.tolist())):
+            if done[row] or len(actions[row]) >= max_new_tokens:
                 continue
-            actions[row].append(token)
-            logprobs[row].append(token_logprob)
-            if token in stops:
-                done[row] = True
-            elif feedback_json:
-                text = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
-                if early_stop_ok and not labels_decided[row]:
-                    labels = labels_prefix_complete(text)
-                    if labels is not None:
-                        labels_decided[row] = True
-                        done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
-                if not done[row] and feedback_object_closed(text):
-                    done[row] = True  # whatever follows the closing brace is never read
-        if all(done) or step == max_new_tokens - 1:
+            for j, (token, token_logprob) in enumerate(zip(row_tokens, row_logprobs)):
+                actions[row].append(token)
+                logprobs[row].append(token_logprob)
+                if token in stops:
+                    done[row] = True
+                elif feedback_json or draft is not None:
+                    texts[row] = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
+                if feedback_json and not done[row]:
+                    if early_stop_ok and not labels_decided[row]:
+                        labels = labels_prefix_complete(texts[row])
+                        if labels is not None:
+                            labels_decided[row] = True
+                            done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
+                    if not done[row] and feedback_object_closed(texts[row]):
+                        done[row] = True  # whatever follows the closing brace is never read
+                if done[row] or len(actions[row]) >= max_new_tokens or j >= len(drafts[row]) \
+                        or token != drafts[row][j]:
+                    # The draft is kept up to here: mask out the draft tokens after the last one drawn.
+                    attention_mask[row, attention_mask.shape[1] - kept + 1 + j:] = 0
+                    break
+        stopped = [d or len(a) >= max_new_tokens for d, a in zip(done, actions)]
+        if all(stopped):
             break  # (no forward for a token that will not be sampled)
-        # Finished rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
-        tokens = tokens.masked_fill(torch.tensor(done, device=device), pad_id)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **with_cache)
+        # Stopped rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
+        last = torch.tensor([pad_id if s else a[-1] for s, a in zip(stopped, actions)], device=device)
+        drafts = drafts_for(texts, [not s for s in stopped])
+        draft_ids, draft_mask = drafts_block(drafts, pad_id, device)
+        input_ids = torch.cat([last[:, None], draft_ids], dim=1)
+        new_mask = torch.cat([torch.ones_like(last[:, None]), draft_mask], dim=1)
+        position_ids = attention_mask.sum(-1, keepdim=True) + new_mask.cumsum(-1) - 1
+        attention_mask = torch.cat([attention_mask, new_mask], dim=1)
     truncated = [not finished for finished in done]
     # An early-stopped feedback turn counts as finished, not truncated.
     return actions, logprobs, truncated

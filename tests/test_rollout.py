@@ -433,3 +433,15 @@ def test_draw_tokens_benchmark_runs(capsys):
     bench_draw.main(["--batches", "2", "--vocab", "500", "--repeats", "2", "--rows", "20"])
     out = capsys.readouterr().out
     assert "multinomial ms" in out and "race: 0 of 20" in out and "inverse-cdf:" in out
+
+
+def test_rollout_benchmark_runs(capsys, tiny_model_dir):
+    """bench/rollout.py (the README's generation numbers) runs all three parts on the tiny model and prints every
+    column and target line, the drafts' on/off comparison included."""
+    from bench import rollout as bench_rollout
+    bench_rollout.main(["--model", tiny_model_dir, "--step-batches", "1,2", "--step-steps", "2", "--batches", "2",
+                        "--repeats", "1", "--n-prompts", "1", "--max-new-tokens", "3", "--feedback-max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "draft speedup" in out and "same no-cache" in out and "within-run" in out
+    for arm in ("fb+early", "fb+early/nodraft", "fb+full", "fb+ok-floor", "fb+ok-floor/nocache"):
+        assert f"target overhead <= 15% with {arm}: " in out
