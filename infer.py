@@ -14,8 +14,9 @@ for trained agents vs 42.6% for two untrained prompted agents.
 The two agents are one base model with two LoRA adapters (models.py); without --adapters they are fresh zero-init
 adapters, i.e. the untrained model prompted with the two system prompts of rollout.py. One trajectory is exactly
 rollout.rollout with greedy decoding by default. The feedback agent writes its two labels first, so with
-early_stop_ok (on by default) it stops decoding as soon as both labels are false: an "ok" costs ~10 tokens instead
-of a full JSON object. --measure-overhead quantifies that. The two system prompts are run once per process and their
+early_stop_ok (on by default) it stops decoding as soon as both labels are false: an "ok" costs 8 tokens instead
+of a full JSON object, and since those 8 are drafted (rollout.FEEDBACK_DRAFTS) a single forward that reads the request
+and the answer. --measure-overhead quantifies that. The two system prompts are run once per process and their
 keys/values reused by every prompt (rollout.shared_prefix): each turn reads only its own request and answer.
 
 Simplifications: every chat message is answered on its own (the agents see no earlier turns of the session;

@@ -20,6 +20,11 @@ Our choices where the paper is silent or we go beyond it:
 - The feedback JSON puts the two labels FIRST and its opening `{"unsafe":` is prefilled into the context. Labels
   first lets decoding stop as soon as both are false (most everyday answers), which makes the feedback agent cheap
   at inference; the prefill makes a small model emit the JSON format from step 0. Both are configurable.
+- The JSON's fixed text is drafted (FEEDBACK_DRAFTS): after the prefill we feed ' false, "overrefuse": false' in
+  the same forward, and the sampler keeps each drafted token only if it draws exactly that token (speculative
+  decoding with a fixed draft; sampler.sample). An approving turn is then one forward instead of eight; the sampled
+  distribution is unchanged. Only the random numbers drawn differ, so the same seed samples other feedback tokens
+  with drafts on and off.
 - T_max > 1 is supported (the paper uses 1); later revision turns see the whole conversation so far.
 - No nucleus (top-p) sampling in rollouts: a Turn's sampling_logprobs are log-probs of the full tempered
   distribution, which is what training uses as pi_old in the PPO ratio. With top-p the tokens would come from a

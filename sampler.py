@@ -10,6 +10,10 @@ feedback agent, most of its context). Its keys/values are computed once (`prefix
 valid, is rollout.shared_prefix's business) and every batch starts from a copy of them: layout [shared prefix | left
 padding | rest of each context]. The sampled tokens and their log-probs are those of the plain path
 (tests/test_prefix_cache.py). A decoding step reads all the weights whatever the batch, so more rows cost little more.
+Drafts (`sample`'s draft argument) let one forward produce several tokens where the text that comes next is
+predictable (the feedback JSON's keys): the drafted tokens are fed with the row's last token, and each is kept only
+if the sampler, drawing from the model's distribution at its position, draws exactly it: the distribution of what
+is sampled stays the same, only the random numbers drawn for it differ (tests/test_drafts.py).
 
 `sample` keeps a top_p argument for callers that never train on the log-probs it returns; rollouts use none
 (rollout.py says why).
@@ -153,6 +157,15 @@ def draw_tokens(probs):
     return (probs / exponential).argmax(-1)
 
 
+# A decoding step that feeds drafts runs rows x (1 + draft length) positions. Up to ~16 positions a forward costs about
+# what a one-token step costs (it is bound by reading the weights: `python bench/rollout.py --parts step`, a 16-row
+# step ~2x a 1-row one); much wider, it is bound by arithmetic and costs more than the steps it may save, since a
+# batch runs until its slowest row ends, which a draft shortens only if that row keeps it. So decoding steps draft
+# only within this many positions (at batch 1: drafts of up to 15 tokens). The prefill always drafts: it is wide
+# anyway, and a few more positions per row add little to it.
+MAX_DRAFTED_POSITIONS = 16
+
+
 def next_tokens(logits, temperature, top_p):
     """Tokens drawn from `logits` (any leading shape, vocabulary last) and their log-probs under the tempered
     distribution; greedy (argmax, plain log-softmax) when temperature is 0."""
@@ -194,9 +207,10 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
     (rollout.feedback_drafts: the JSON keys). They are fed in the same forward as the row's last token and kept as
     far as the sampler, drawing at each of their positions from the model's own distribution, draws exactly them:
     a token drawn that way is a sample like any other, so drafting changes how many forwards a turn takes, never
-    the distribution of what it samples (speculative decoding, Leviathan et al. 2023, Sec. 2.3, with a draft that
-    puts all its mass on one token: accept with probability p(token), else the draw itself is the rejection
-    sample). Drafted tokens the sampler did not draw stay in the KV cache with attention mask 0, as if absent.
+    the distribution of what it samples (speculative sampling, Leviathan et al. 2023, arXiv 2211.17192, with a draft
+    that puts all its mass on one token: accept with probability p(token), else the draw itself is the rejection
+    sample). Drafted tokens the sampler did not draw stay in the KV cache with attention mask 0, as if absent. The
+    prefill always takes the drafts; a decoding step only while it stays narrow (MAX_DRAFTED_POSITIONS).
 
     Layout: [shared prefix | left padding | rest of each context | new tokens]. Left padding puts every context's
     last token in the same column, so one forward step extends all sequences; the attention mask is 0 on the padding
@@ -271,6 +285,8 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
         # Stopped rows keep stepping on a pad token (cheaper than reshaping the cache; their output is ignored).
         last = torch.tensor([pad_id if s else a[-1] for s, a in zip(stopped, actions)], device=device)
         drafts = drafts_for(texts, [not s for s in stopped])
+        if batch * (1 + max(len(d) for d in drafts)) > MAX_DRAFTED_POSITIONS:
+            drafts = [[] for _ in drafts]  # too wide a step to pay for itself (MAX_DRAFTED_POSITIONS)
         draft_ids, draft_mask = drafts_block(drafts, pad_id, device)
         input_ids = torch.cat([last[:, None], draft_ids], dim=1)
         new_mask = torch.cat([torch.ones_like(last[:, None]), draft_mask], dim=1)

@@ -118,3 +118,17 @@ def test_feedback_drafts_follow_the_json_keys(peaked):
     assert draft('{"unsafe": true,') == draft('{"unsafe": maybe') == draft('{"unsafe": true, "reasoning": "x') == []
     # An approving agent's whole label part is the prefill plus the first draft: one forward with early stop.
     assert rollout.FEEDBACK_PREFILL + ' false, "overrefuse": false' == '{"unsafe": false, "overrefuse": false'
+
+
+def test_decoding_steps_draft_only_while_narrow(peaked, monkeypatch):
+    """The prefill takes every row's draft; a decoding step only while rows x (1 + draft) <= MAX_DRAFTED_POSITIONS."""
+    model, tokenizer, contexts = peaked
+    assert sampler.MAX_DRAFTED_POSITIONS == 16  # the widths below are chosen around it
+    monkeypatch.setattr(sampler, "stop_token_ids", lambda m, t: set())
+    junk = [5, 6, 7]
+    for batch, step_width in ((4, 1 + len(junk)), (5, 1)):  # 4 x 4 = 16 positions: drafted; 5 x 4 = 20: not
+        chosen = (contexts * 2)[:batch]
+        _, shapes = forward_shapes(model, lambda: sample(model, tokenizer, chosen, 10, temperature=0,
+                                                         draft=lambda text: junk))
+        assert shapes[0] == (batch, max(len(c) for c in chosen) + len(junk))  # the prefill with its draft
+        assert shapes[1] == (batch, step_width)
