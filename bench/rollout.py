@@ -54,7 +54,7 @@ from dataclasses import replace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import cpu_threads  # noqa: E402, F401  (before torch: the project's OpenMP defaults, as train.py and infer.py)
+import cpu_threads  # noqa: E402  (before torch: the project's OpenMP defaults, as train.py and infer.py)
 import torch  # noqa: E402
 
 from bench.decode_step import bench_steps, feedback_context, print_steps  # noqa: E402
@@ -66,12 +66,13 @@ from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conv
                      rollout, run_agent)
 
 
-def warn_if_busy():
-    """With more runnable processes than free cores, OpenMP threads wait for each other: say so before measuring."""
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
-        print(f"note: load average {os.getloadavg()[0]:.1f} >= {os.cpu_count()} cores: other processes compete for "
-              f"the CPU; times will be noisy and with >1 thread can be several times slower (try --threads 1). "
-              f"Ratios are still measured back-to-back.")
+def warn_if_busy(busy_cores=None):
+    """With other processes busy, OpenMP threads wait for each other: say so before measuring. Measured now over 0.2 s
+    (cpu_threads.busy_cores_elsewhere), not from the load average, which lags by minutes after a job ends."""
+    busy = cpu_threads.busy_cores_elsewhere() if busy_cores is None else busy_cores
+    if busy is not None and busy >= cpu_threads.BUSY_CORES:
+        print(f"note: other processes keep {busy:.2f} of {os.cpu_count()} cores busy: times will be noisy and with "
+              f">1 thread can be several times slower (try --threads 1). Ratios are still measured back-to-back.")
 
 
 def mixed_prompts(records, n):

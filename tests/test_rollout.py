@@ -445,3 +445,11 @@ def test_rollout_benchmark_runs(capsys, tiny_model_dir):
     assert "draft speedup" in out and "per-forward ratio" in out and "within-run" in out
     for arm in ("fb+early", "fb+early/nodraft", "fb+full", "fb+ok-floor", "fb+ok-floor/nocache"):
         assert f"target overhead <= 15% with {arm}: " in out
+
+
+def test_rollout_benchmark_warns_only_when_other_processes_are_busy(capsys):
+    from bench import rollout as bench_rollout
+    bench_rollout.warn_if_busy(busy_cores=1.0)
+    assert "other processes keep 1.00 of" in capsys.readouterr().out
+    bench_rollout.warn_if_busy(busy_cores=0.0)
+    assert capsys.readouterr().out == ""
