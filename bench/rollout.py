@@ -243,9 +243,8 @@ def bench_latency(model, tokenizer, prompts, max_new_tokens, repeats, arms_confi
 
 def print_throughput(results, max_new_tokens, feedback_max_new_tokens):
     print(f"\n## Throughput: two-agent rollout vs conversation agent alone, prefix cache and drafts on and off "
-          f"(conversation "
-          f"max_new_tokens={max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, temperature 1, "
-          f"same seed)")
+          f"(conversation max_new_tokens={max_new_tokens}, feedback max_new_tokens={feedback_max_new_tokens}, "
+          f"temperature 1, same seed)")
     head = (f"{'batch':>5} | {'single tok/s':>12} | {'two-agent tok/s':>15} | {'tok/s ratio':>11} | "
             f"{'time ratio':>10} | {'no-cache tok/s':>14} | {'cache speedup':>13} | {'tokens c0/fb/rev':>17} | "
             f"{'FTR':>5} | {'same c0':>7} | {'same no-cache':>13} | {'no-draft ratio':>14} | {'draft speedup':>13} | "
@@ -310,8 +309,9 @@ def print_latency(result, max_new_tokens, feedback_max_new_tokens, ok_tokens, ta
         rev_share = statistics.mean(d["revision_s"]) / statistics.median(per_arm[baseline])
         counts = ", ".join(f"{d['verdict'].count(v)} {v}" for v in ("ok", "flagged", "unparseable"))
         print(f"target overhead <= {100 * target:.0f}% with {arm}: {met} (end to end {100 * overhead:.1f}%, within "
-              f"the run {100 * within[arm]:.1f}%). The feedback turn adds {100 * fb_share:.1f}% of the median '{baseline}' latency (decoding "
-              f"{statistics.mean(d['feedback_tokens']):.1f} tokens on average), revisions {100 * rev_share:.1f}% "
+              f"the run {100 * within[arm]:.1f}%). The feedback turn adds {100 * fb_share:.1f}% of the median "
+              f"'{baseline}' latency (decoding {statistics.mean(d['feedback_tokens']):.1f} tokens on average), "
+              f"revisions {100 * rev_share:.1f}% "
               f"(FTR {statistics.mean(d['revised']):.2f}); feedback verdicts: {counts}.")
     print("Early stop can only fire when the feedback agent writes both labels false ('ok'); fb+ok-floor is that best "
           "case, so its overhead is the floor of the protocol (reading the answer), not a measured agent behaviour. "

@@ -440,7 +440,8 @@ def test_rollout_benchmark_runs(capsys, tiny_model_dir):
     column and target line, the drafts' on/off comparison included."""
     from bench import rollout as bench_rollout
     bench_rollout.main(["--model", tiny_model_dir, "--step-batches", "1,2", "--step-steps", "2", "--batches", "2",
-                        "--repeats", "1", "--n-prompts", "1", "--max-new-tokens", "3", "--feedback-max-new-tokens", "4"])
+                        "--repeats", "1", "--n-prompts", "1", "--max-new-tokens", "3",
+                        "--feedback-max-new-tokens", "4"])
     out = capsys.readouterr().out
     assert "draft speedup" in out and "per-forward ratio" in out and "within-run" in out
     for arm in ("fb+early", "fb+early/nodraft", "fb+full", "fb+ok-floor", "fb+ok-floor/nocache"):
