@@ -1,4 +1,5 @@
-"""OpenMP thread waiting on a CPU shared with other processes. Imported first by train.py, infer.py and eval.py.
+"""OpenMP threads on a CPU shared with other processes: how they wait and how many. Imported first by train.py,
+infer.py and eval.py.
 
 PyTorch's CPU kernels run on an OpenMP thread team (GNU libgomp in the pip wheels). When a thread finishes its part
 of a parallel region it waits for the next region: first it spins, then it sleeps. A decoding step is hundreds of
@@ -13,22 +14,32 @@ short kernels, so how long it spins decides two things:
 No single setting was good in both situations in our first measurement (bench/threads.py, one run per cell,
 docs/performance.md): idle, the libgomp default was the fastest and a bounded spin of GOMP_SPINCOUNT=10000 1.6x
 slower; beside one busy process the default was 5x slower than PASSIVE. So the choice is made per run, from what the
-machine is doing when the process starts: we read /proc/stat twice, 0.2 s apart, before torch is loaded, and if
-other processes keep at least BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE);
-otherwise nothing is set and libgomp spins as usual. Measured on the quickstart: 290 s idle, 450 s beside one busy
-loop (docs/performance.md). The limit: a process that starts *after* ours is not seen (then export
-OMP_WAIT_POLICY=PASSIVE).
+machine is doing when the process starts: we read /proc/stat twice, 0.5 s apart, before torch is loaded, and if
+other processes keep at least BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and
+there is one thread per core the others leave entirely free (OMP_NUM_THREADS = floor(cores - busy cores), at least
+1); otherwise nothing is set and libgomp spins on every core as usual.
+
+Why fewer threads: the kernel shares the CPU between processes, not threads. Beside one busy loop on 2 cores our
+process got ~1 core's worth whatever its thread count (bench/threads.py: 0.99 CPU-seconds per second with 2, 3 or 4
+threads), and a second thread on that one core only adds hand-overs. One thread is also cheap here when idle (the
+quickstart's `train.py`: 331 s against 289 s with two; decoding is bound by memory bandwidth, which one core nearly
+saturates), so a wrong "busy" now costs little, where two sleeping threads on an idle machine cost 1.7x. The
+quickstart beside one busy loop: 450 s with PASSIVE and 2 threads, 318 s with PASSIVE and 1 thread, 1.10x the idle
+289 s (docs/performance.md). The window is 0.5 s because 0.2 s once caught a passing burst (0.39 cores) on an idle
+machine. The limit: a process that starts *after* ours is not seen (then export OMP_WAIT_POLICY=PASSIVE and
+OMP_NUM_THREADS).
 
 Rules: OpenMP reads these variables once, when torch is loaded, so this module must be imported before torch (each
 entry point imports it first). It only decides when you have not: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or
-KMP_BLOCKTIME yourself and nothing is added. On systems without /proc/stat nothing is set. The number of threads
-stays torch's default (one per core); OMP_NUM_THREADS sets it. `CHOICE` records what was decided and why.
+KMP_BLOCKTIME yourself and nothing is added; export OMP_NUM_THREADS and the thread count is yours. On systems
+without /proc/stat nothing is set. `CHOICE` records what was decided and why.
 """
+import math
 import os
 import time
 
 BUSY_CORES = 0.25  # other processes' CPU use, in cores, from which our threads sleep instead of spinning
-WINDOW_S = 0.2  # how long the machine is watched before the choice
+WINDOW_S = 0.5  # how long the machine is watched before the choice
 USER_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
@@ -56,8 +67,9 @@ def busy_cores_elsewhere(window_s=WINDOW_S, read=read_cpu_times, sleep=time.slee
     return (second[0] - first[0]) / (second[1] - first[1]) * second[2]
 
 
-def apply(environ=os.environ, busy_cores=None) -> dict:
-    """Decide the wait policy unless the user did; returns the variables set (busy_cores: measured if None)."""
+def apply(environ=os.environ, busy_cores=None, cores=None) -> dict:
+    """Decide the wait policy and thread count unless the user did; returns the variables set (busy_cores: measured
+    if None; cores: this process's usable cores if None)."""
     global CHOICE
     if any(name in environ for name in USER_VARIABLES):
         CHOICE = "yours (an OpenMP wait variable was set)"
@@ -68,9 +80,22 @@ def apply(environ=os.environ, busy_cores=None) -> dict:
         CHOICE = "spin (libgomp default): " + ("load unknown" if busy_cores is None else
                                                  f"other processes used {busy_cores:.2f} cores at start")
         return {}
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    CHOICE = f"OMP_WAIT_POLICY=PASSIVE: other processes used {busy_cores:.2f} cores at start"
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if "OMP_NUM_THREADS" not in environ:  # one thread per core the others leave entirely free, at least one
+        cores = usable_cores() if cores is None else cores
+        chosen["OMP_NUM_THREADS"] = str(max(1, math.floor(cores - busy_cores)))
+    environ.update(chosen)
+    CHOICE = " ".join(f"{name}={value}" for name, value in chosen.items()) + \
+        f": other processes used {busy_cores:.2f} cores at start"
+    return chosen
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 CHOICE = ""

@@ -67,7 +67,7 @@ from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conv
 
 
 def warn_if_busy(busy_cores=None):
-    """With other processes busy, OpenMP threads wait for each other: say so before measuring. Measured now over 0.2 s
+    """With other processes busy, OpenMP threads wait for each other: say so before measuring. Measured now over 0.5 s
     (cpu_threads.busy_cores_elsewhere), not from the load average, which lags by minutes after a job ends."""
     busy = cpu_threads.busy_cores_elsewhere() if busy_cores is None else busy_cores
     if busy is not None and busy >= cpu_threads.BUSY_CORES:

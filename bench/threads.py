@@ -15,8 +15,9 @@ loop that this script starts just before the run and stops right after (one busy
 
 Settings (--settings picks some): `default` sets nothing (libgomp spins ~300,000 iterations, a few ms); `project` is
 what train.py, infer.py and eval.py do: the worker imports cpu_threads first, which looks at the machine's load (the
-busy loop included) and chooses (its choice is printed); `passive` and `active` set OMP_WAIT_POLICY;
-`spin=N` sets GOMP_SPINCOUNT=N. Each runs with every thread count in --threads (default: 1 and all cores).
+busy loop included) and chooses the wait policy and the thread count (its choice is printed; its row shows the
+thread counts it chose idle/busy); `passive` and `active` set OMP_WAIT_POLICY; `spin=N` sets GOMP_SPINCOUNT=N. Each
+setting but `project` runs with every thread count in --threads (default: 1 and all cores).
 
     python bench/threads.py                                    all settings, 1 and all threads (~5 min on 2 cores)
     python bench/threads.py --settings default,project,passive --threads 2 --steps 40
@@ -84,10 +85,13 @@ def worker(args) -> None:
                       "threads": torch.get_num_threads(), "cpu_threads": choice}))
 
 
-def run_setting(args, variables: dict, threads: int, busy: bool, project: bool = False) -> dict:
-    """One fresh subprocess with exactly these OpenMP variables (inherited ones removed), maybe beside a competitor."""
+def run_setting(args, variables: dict, threads, busy: bool, project: bool = False) -> dict:
+    """One fresh subprocess with exactly these OpenMP variables (inherited ones removed), maybe beside a competitor;
+    threads None leaves the thread count to the worker (the project setting chooses its own)."""
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
-    env.update(variables, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(variables)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model, "--batch",
                str(args.batch), "--context", str(args.context), "--steps", str(args.steps), "--warmup",
                str(args.warmup)] + (["--project"] if project else [])
@@ -151,13 +155,14 @@ def main(argv=None):
     results = []
     began = time.perf_counter()
     for name, variables in grid.items():
-        for threads in thread_counts:
-            row = {"setting": name, "threads": threads}
+        for threads in ([None] if name == "project" else thread_counts):  # project: its own thread count
+            row = {"setting": name}
             for situation in situations:
                 row[situation] = run_setting(args, variables, threads, busy=situation == "busy",
                                              project=name == "project")
+            row["threads"] = "/".join(str(t) for t in dict.fromkeys(row[s]["threads"] for s in situations))
             results.append(row)
-            print(f"  {name}, {threads} thread(s): " + ", ".join(
+            print(f"  {name}, {row['threads']} thread(s): " + ", ".join(
                 f"{s} {1000 * row[s]['step_s']:.1f} ms/step" + (f" ({row[s]['cpu_threads']})" if name == "project"
                                                                 else "") for s in situations), flush=True)
 

@@ -1,6 +1,9 @@
 """cpu_threads.py: the OpenMP wait policy is chosen from the machine's load at start, only when the user did not choose
 it, and reaches OpenMP before torch."""
 import ast
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,16 +11,39 @@ import cpu_threads
 from conftest import PROJECT_ROOT
 
 
-def test_an_idle_machine_keeps_the_spin_and_a_busy_one_gets_passive():
+def test_an_idle_machine_keeps_the_spin_and_a_busy_one_gets_passive_threads_on_the_free_cores():
     idle = {"PATH": "/bin"}
-    assert cpu_threads.apply(idle, busy_cores=0.05) == {} and idle == {"PATH": "/bin"}
+    assert cpu_threads.apply(idle, busy_cores=0.05, cores=2) == {} and idle == {"PATH": "/bin"}
     assert cpu_threads.CHOICE.startswith("spin")
     busy = {"PATH": "/bin"}
-    assert cpu_threads.apply(busy, busy_cores=1.0) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert busy == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"} and "1.00 cores" in cpu_threads.CHOICE
-    assert cpu_threads.apply(busy, busy_cores=0.0) == {}  # a second import changes nothing: the policy is set now
+    chosen = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}  # 2 cores, 1 taken: one thread
+    assert cpu_threads.apply(busy, busy_cores=1.0, cores=2) == chosen
+    assert busy == {"PATH": "/bin", **chosen} and "1.00 cores" in cpu_threads.CHOICE
+    assert cpu_threads.apply(busy, busy_cores=0.0, cores=2) == {}  # a second import changes nothing: it is set now
     edge = {}
-    assert cpu_threads.apply(edge, busy_cores=cpu_threads.BUSY_CORES) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cpu_threads.apply(edge, busy_cores=cpu_threads.BUSY_CORES, cores=2) == {"OMP_WAIT_POLICY": "PASSIVE",
+                                                                                 "OMP_NUM_THREADS": "1"}
+    # Hand-computed: the cores left entirely free (floor of cores - busy), at least 1.
+    for cores, busy_cores, threads in ((8, 1.0, "7"), (8, 2.6, "5"), (8, 0.3, "7"), (2, 0.39, "1"), (2, 3.0, "1"),
+                                       (1, 0.9, "1")):
+        assert cpu_threads.apply({}, busy_cores=busy_cores, cores=cores)["OMP_NUM_THREADS"] == threads
+
+
+def test_a_users_thread_count_is_kept_on_a_busy_machine():
+    environ = {"OMP_NUM_THREADS": "4"}
+    assert cpu_threads.apply(environ, busy_cores=1.0, cores=2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_the_thread_count_reaches_torch_when_set_before_it_loads():
+    # KMP_BLOCKTIME (ignored by libgomp) makes the import-time choice "yours", so only the explicit call decides.
+    code = ("import os, cpu_threads; os.environ.update(cpu_threads.apply({}, busy_cores=1.0, cores=2)); "
+            "import torch; print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**env, "KMP_BLOCKTIME": "0"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "1"
 
 
 def test_unknown_load_sets_nothing(monkeypatch):
