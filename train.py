@@ -53,7 +53,7 @@ import torch
 import distributed
 from checkpoint import StopSignals, rng_state, save_checkpoint, stop_and_save
 from config import Args, parse_args, share_prefix
-from logprobs import action_logprobs, pad_batch
+from logprobs import action_logprobs, micro_batches, pad_batch
 from models import AGENTS, adapter_parameters, reference_policy, save_agents, use_agent
 from reward import trajectory_rewards
 from rollout import judge_trajectories, rollout
@@ -170,8 +170,7 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
 def score_samples(model, samples, agent, args, pad_id, device):
     """Reference (and, if asked, old-policy) log-probs for every sample (no grad), stored on the samples as tensors."""
     mine = distributed.share(samples)  # distributed: each rank scores its slice, then the ranks swap scores
-    for start in range(0, len(mine), args.micro_batch_size):
-        chunk = mine[start:start + args.micro_batch_size]
+    for chunk in micro_batches(mine, args.micro_batch_size, share_prefix(args)):  # grouped by length
         batch = pad_batch(chunk, pad_id, device, share_prefix(args))
         if args.recompute_old_logprobs:
             use_agent(model, agent)
@@ -203,8 +202,7 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
             mine = distributed.share(minibatch)  # distributed: this rank's slice; mb_tokens above stays global
-            for mc_start in range(0, len(mine), args.micro_batch_size):
-                micro = mine[mc_start:mc_start + args.micro_batch_size]
+            for micro in micro_batches(mine, args.micro_batch_size, share_prefix(args)):  # grouped by length
                 batch = pad_batch(micro, pad_id, device, share_prefix(args))
                 logprobs, entropy = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size,
                                                     with_entropy=True)

@@ -3,6 +3,7 @@ reward that must rise, checkpoints and resume, and the guards against bad number
 import hashlib
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -313,6 +314,99 @@ def test_shared_prefix_forward_equals_plain_forward_values_and_gradients(learnab
     for g_plain, g_shared in zip(plain_grads, shared_grads):
         assert torch.allclose(g_plain, g_shared, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+def positions_run(batches):
+    """What micro_batches minimises: per batch, the prefix all samples share (run once) + rows x the longest rest."""
+    prefix = logprobs.shared_prefix_length([s for batch in batches for s in batch])
+    return sum(prefix + len(batch) * max(len(s.context_ids) + len(s.action_ids) - prefix for s in batch)
+               for batch in batches)
+
+
+def test_micro_batches_group_by_length_hand_computed():
+    def s(own, prefix=20):
+        return train.Sample("conversation", "g", list(range(prefix)) + [100 + own] * own, [9], [0.0], 0.0)
+    short, long = [s(4), s(4)], [s(99), s(99)]  # rows of 5 and 100 tokens after a 20-token system prompt
+    # one batch: 20 + 4 x 100 = 420 positions; split: (20 + 2 x 5) + (20 + 2 x 100) = 250
+    batches = logprobs.micro_batches([long[0], short[0], long[1], short[1]], max_rows=4, share_prefix=True)
+    assert [[len(x.context_ids) for x in b] for b in batches] == [[24, 24], [119, 119]]
+    assert positions_run(batches) == 250
+    # a 200-token prefix: one batch 200 + 400 = 600 beats a split 2 x 200 + 10 + 200 = 610
+    wide = [s(4, 200), s(99, 200), s(4, 200), s(99, 200)]
+    assert [len(b) for b in logprobs.micro_batches(wide, max_rows=4, share_prefix=True)] == [4]
+    # without a shared prefix: sorted runs of max_rows, as many batches as before
+    # at most 3 rows: [2, 2] = 2 x 200 + 10 + 200 = 610 beats [1, 3] = 705 and [3, 1] = 800
+    assert [len(b) for b in logprobs.micro_batches(wide, max_rows=3, share_prefix=True)] == [2, 2]
+    plain = logprobs.micro_batches([long[0], short[0], long[1], short[1], s(50)], max_rows=2, share_prefix=False)
+    assert [[len(x.context_ids) for x in b] for b in plain] == [[24, 24], [70, 119], [119]]
+    assert logprobs.micro_batches([], max_rows=4, share_prefix=True) == []
+
+
+def test_micro_batches_are_the_cheapest_cut_of_the_sorted_samples():
+    """Against brute force over every way to cut the length-sorted samples into runs of at most max_rows."""
+    import itertools
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n, max_rows = 1 + trial % 7, 1 + trial % 4
+        own = torch.randint(1, 120, (n,), generator=rng).tolist()
+        samples = [train.Sample("feedback", "g", list(range(30)) + [5] * k, [9] * (1 + k % 3), [0.0], 0.0)
+                   for k in own]
+        batches = logprobs.micro_batches(samples, max_rows=max_rows, share_prefix=True)
+        assert sorted(id(x) for b in batches for x in b) == sorted(id(x) for x in samples)  # each exactly once
+        assert all(1 <= len(b) <= max_rows for b in batches)
+        order = [x for b in batches for x in b]
+        brute = min(positions_run([order[a:b] for a, b in zip((0,) + cuts, cuts + (n,))])
+                    for r in range(n) for cuts in itertools.combinations(range(1, n), r)
+                    if all(b - a <= max_rows for a, b in zip((0,) + cuts, cuts + (n,))))
+        assert positions_run(batches) == brute
+
+
+def test_update_is_the_same_with_length_grouped_micro_batches(learnable_tiny_model_dir, monkeypatch):
+    """One SGD step of update_agent over 6 samples of mixed lengths: in one micro-batch, or cut by length into
+    several (gradient accumulation), must move the adapter the same way: the grouping changes cost, not result."""
+    from models import adapter_parameters, attach_agents, load_base, use_agent
+    base, tokenizer = load_base(learnable_tiny_model_dir)
+    model = attach_agents(base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in adapter_parameters(model, "conversation"):
+            p.normal_(0, 0.05)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    system = tokenizer("the shared system prompt of every conversation sample in this batch, " * 2)["input_ids"]
+    texts = [("hi", "yes"), ("a much longer request " * 6, "no it is not"), ("x", "a b c d e"),
+             ("another long request, " * 5, "ok"), ("y", "z"), ("what", "a longer answer than the others " * 2)]
+    samples = [train.Sample("conversation", "g", system + tokenizer(t)["input_ids"], tokenizer(a)["input_ids"], [],
+                            reward) for (t, a), reward in zip(texts, [1.0, -1.0, 0.5, 0.0, -0.5, 2.0])]
+    train.compute_advantages(samples, group_baseline=False)
+    assert len(logprobs.micro_batches(samples, 3, share_prefix=True)) >= 2  # the grouping really cuts here
+    moved = {}
+    for grouped in (False, True):
+        if not grouped:  # the reference: all 6 samples in one padded micro-batch
+            monkeypatch.setattr(train, "micro_batches", lambda samples, max_rows, share: [list(samples)])
+        else:
+            monkeypatch.undo()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+        args = train.Args(micro_batch_size=3, minibatch_size=6, recompute_old_logprobs=True, max_grad_norm=1e9)
+        train.score_samples(model, samples, "conversation", args, tokenizer.pad_token_id, torch.device("cpu"))
+        optimizer = torch.optim.SGD(adapter_parameters(model, "conversation"), lr=1.0)
+        use_agent(model, "conversation")
+        train.update_agent(model, optimizer, "conversation", samples, args, tokenizer.pad_token_id,
+                           torch.device("cpu"), random.Random(0))
+        moved[grouped] = {n: p.detach() - start[n] for n, p in model.named_parameters() if ".conversation." in n}
+    assert any(d.abs().max() > 1e-4 for d in moved[False].values())  # the step did move the adapter
+    for name in moved[False]:
+        assert torch.allclose(moved[False][name], moved[True][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_update_benchmark_runs(capsys, tiny_model_dir):
+    """bench/update.py (docs/performance.md's update numbers) runs both arms on the tiny model and prints its lines."""
+    from bench import update as bench_update
+    bench_update.main(["--model", tiny_model_dir, "--prompts", "2", "--samples", "2", "--judge", "default:phrase"])
+    out = capsys.readouterr().out
+    assert "grouped / plain:" in out and "positions run" in out and "x the first recipe's" in out
+    assert train.micro_batches is logprobs.micro_batches  # the benchmark put the real one back
 
 
 def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
