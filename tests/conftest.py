@@ -96,7 +96,7 @@ _CORPUS = [
 ]
 
 
-def build_tiny_model_dir(path, vocab_size=384, seed=0, initializer_range=0.02):
+def build_tiny_model_dir(path, vocab_size=384, seed=0, initializer_range=0.02, hidden_size=32):
     """Write a tiny random LlamaForCausalLM plus a byte-level BPE ChatML tokenizer to `path`; return path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -116,7 +116,7 @@ def build_tiny_model_dir(path, vocab_size=384, seed=0, initializer_range=0.02):
     tokenizer.chat_template = CHATML_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rollout
+from conftest import build_tiny_model_dir
 from model_card import adapter_card, add_evaluation
 from models import (AGENTS, DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, adapter_parameters, attach_agents, base_model_id,
                     disable_bnb_cpu_repack, is_converted_default, load_agents, load_agents_or_fresh, load_base,
@@ -311,16 +312,19 @@ def test_4bit_lora_gets_gradients_after_a_no_grad_generation(tiny_model_dir, dev
     assert all(p.grad is None for p in adapter_parameters(model, "conversation"))
 
 
-def test_4bit_cpu_repack_trap_without_the_fix(tiny_model_dir):
+def test_4bit_cpu_repack_trap_without_the_fix(tmp_path):
     """Why disable_bnb_cpu_repack exists: with bnb's AVX512-BF16 fast path on, one no-grad eval forward repacks the
     4-bit weights into an inference-only layout, and training through them afterwards breaks the LoRA gradients."""
     from bitsandbytes.functional import has_avx512bf16
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never takes the repacking fast path (no trap here)")
+    # 64 wide, not the usual 32: bitsandbytes 0.50.2 cannot repack a layer narrower than one 64-value quantization
+    # block (the forward fails outright), and the trap to show is the silent one of real models.
+    model_dir = build_tiny_model_dir(tmp_path, hidden_size=64)
 
     def feedback_grads(enable_fast_path):
-        base, tokenizer = load_base(tiny_model_dir, load_in_4bit=True, device="cpu")
+        base, tokenizer = load_base(model_dir, load_in_4bit=True, device="cpu")
         model = attach_agents(base)
         perturb_lora_b(model, "feedback", seed=3)
         for layer in linear4bit_layers(model):
