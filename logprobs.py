@@ -265,9 +265,10 @@ def micro_batches(samples, max_rows: int, share_prefix: bool = False) -> list:
     shared prefix once. A minibatch that mixes short samples with long ones (an answer, and a revision that also
     reads the first answer and the feedback) was ~half padding. So we sort by length and choose the cuts that
     minimise the positions the decoder runs, sum over batches of (shared prefix + rows x longest row), by dynamic
-    programming over the sorted list. Gradients accumulated over the micro-batches sum the same loss, so this
-    changes the cost, not the result (up to float rounding). Without a shared prefix nothing pays for a cut in this
-    count, so the batches are the sorted samples in runs of max_rows (as many as before, less padding).
+    programming over the sorted list (a count that fits a forward bound by arithmetic: a CPU, or a real model on a
+    GPU). Gradients accumulated over the micro-batches sum the same loss, so this changes the cost, not the result
+    (up to float rounding). Without a shared prefix nothing pays for a cut in this count, so the batches are the
+    sorted samples in runs of max_rows (as many as before, less padding).
     """
     order = sorted(samples, key=lambda s: len(s.context_ids) + len(s.action_ids))
     prefix = shared_prefix_length(order) if share_prefix and order else 0

@@ -39,6 +39,9 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
 - No value network, no GAE: REINFORCE++ is critic-free.
 - Shared-prefix forward (engineering, same numbers): the system prompt common to a micro-batch runs once and its
   keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
+- Length-grouped micro-batches (engineering, same numbers): a minibatch is cut into micro-batches of similar length
+  (logprobs.micro_batches), so a short answer is not padded to a long revision's length; the gradients are
+  accumulated over the pieces, so the optimizer step is the one of the whole minibatch.
 """
 import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import math

@@ -16,7 +16,7 @@ them were padding, the ratio grouped/plain, how far the two updates' parameter c
 iteration per trajectory (rollout + judge + grouped update) against the first CPU recipe's 7.3 s (~62 s rollout +
 ~54 s update for 16 trajectories; docs/performance.md), whose half is the target.
 
-    HF_HUB_OFFLINE=1 python bench/update.py --adapters runs/<preset run>/adapters     # ~6 min on 2 idle cores
+    HF_HUB_OFFLINE=1 python bench/update.py --adapters runs/<preset run>/adapters     # a few minutes on 2 idle cores
     HF_HUB_OFFLINE=1 python bench/update.py --model <path> --prompts 2 --samples 2 --judge default:phrase  (smoke)
 
 With --adapters of a `--preset cpu` run, its warm-started feedback adapter (<run>/warmstart) is the feedback agent's
@@ -79,6 +79,7 @@ def main(argv=None):
     if args.adapters and not Path(args.adapters).is_dir():
         parser.error(f"--adapters {args.adapters}: no such folder")
 
+    began_all = time.perf_counter()
     import train
     from judge import judge_from_flag
     from models import attach_agents, load_agents, load_base, load_reference_copy
@@ -157,7 +158,7 @@ def main(argv=None):
     per_trajectory = (rollout_s + judge_s + median["grouped"]) / len(trajectories)
     print(f"stage-2 iteration: {rollout_s + judge_s + median['grouped']:.1f} s = {per_trajectory:.2f} s per "
           f"trajectory = {per_trajectory / FIRST_RECIPE_S_PER_TRAJECTORY:.2f}x the first recipe's "
-          f"{FIRST_RECIPE_S_PER_TRAJECTORY:.2f} s (target <= 0.5x)")
+          f"{FIRST_RECIPE_S_PER_TRAJECTORY:.2f} s (target <= 0.5x). Total {time.perf_counter() - began_all:.0f} s.")
 
 
 if __name__ == "__main__":
