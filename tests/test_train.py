@@ -405,7 +405,7 @@ def test_update_benchmark_runs(capsys, tiny_model_dir):
     from bench import update as bench_update
     bench_update.main(["--model", tiny_model_dir, "--prompts", "2", "--samples", "2", "--judge", "default:phrase"])
     out = capsys.readouterr().out
-    assert "grouped / plain:" in out and "positions run" in out and "x the first recipe's" in out
+    assert "grouped / plain:" in out and "positions run" in out and "s per trajectory" in out
     assert train.micro_batches is logprobs.micro_batches  # the benchmark put the real one back
 
 
