@@ -32,10 +32,13 @@ from model_card import adapter_card, pair_card
 
 # bitsandbytes (0.50) on a CPU with AVX512-BF16 tries, when it is imported (peft imports it), to fetch a fast 4-bit
 # kernel from the Hugging Face hub, and warns on every run where it cannot (offline, or the kernel's publisher is not
-# trusted), asking the user to install a package they have. That kernel serves the inference-only fast path which
-# disable_bnb_cpu_repack turns off, so the warning is about something we never use: we drop that one message.
+# trusted), asking the user to install a package they have; offline, the `kernels` package adds a line of its own.
+# That kernel serves the inference-only fast path which disable_bnb_cpu_repack turns off, so both messages are about
+# something we never use: we drop those two, and nothing else from either logger.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "kernels-community/quantization-bitsandbytes" not in record.getMessage())
 
 AGENTS = ("conversation", "feedback")
 DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct
