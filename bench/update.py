@@ -12,8 +12,9 @@ How: one rollout of a `--preset cpu` iteration (8 prompts x 4 samples, both agen
 adapters, judged once; then the same samples are updated twice from the same adapter state with fresh optimizers,
 once with the micro-batches of the sample order (`plain`, the earlier code) and once grouped by length, --repeats
 times in alternation. It prints, per arm, the median update seconds, the positions the decoder ran and how many of
-them were padding, the ratio grouped/plain, how far the two updates' parameter changes differ, and the whole
-iteration (rollout + judge + grouped update) per trajectory. That last number is for this machine only: the old code
+them were padding, the ratio grouped/plain, how far the two updates' parameter changes differ, the grouped update's
+arithmetic against this CPU's matmul rate measured in the same run (how near the update is to its bound), and
+the whole iteration (rollout + judge + grouped update) per trajectory. That last number is for this machine only: the old code
 against the new on one machine is in docs/performance.md ("Same machine, same settings").
 
     HF_HUB_OFFLINE=1 python bench/update.py --adapters runs/<preset run>/adapters     # a few minutes on 2 idle cores
@@ -46,15 +47,46 @@ def plain_micro_batches(samples, max_rows, share_prefix):
 
 
 def count_positions(train, counts):
-    """Wrap train.action_logprobs to count the positions each forward runs (prefix once + rows x width) and the padding."""
+    """Wrap train.action_logprobs to count the positions each forward runs (prefix once + rows x width), the padding,
+    and the positions of forwards that also run a backward (the PPO steps; the reference pass runs without grad)."""
     real_action_logprobs = train.action_logprobs
 
     def counted(model, batch, *args, **kwargs):
         rows, width = batch.input_ids.shape
-        counts["positions"] += batch.prefix_ids.numel() + rows * width
+        positions = batch.prefix_ids.numel() + rows * width
+        counts["positions"] += positions
+        counts["with_backward"] += positions if torch.is_grad_enabled() else 0
         counts["padding"] += rows * width - (int(batch.attention_mask.sum()) - rows * batch.prefix_ids.numel())
         return real_action_logprobs(model, batch, *args, **kwargs)
     return real_action_logprobs, counted
+
+
+def decoder_linear_params(base) -> int:
+    """Weights of the decoder's linear layers (lm_head excluded: the fused kernel runs it only on action tokens)."""
+    head = base.get_output_embeddings()
+    return sum(m.in_features * m.out_features for m in base.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def update_flops(linear_params: int, positions: int, with_backward: int) -> int:
+    """The decoder's linear-layer arithmetic of an update: 2 FLOPs per weight per position forward, and 2 more for the
+    positions that run backward, whose frozen base weights need only the input gradient (LoRA's own is ~1% more).
+    Attention scores and lm_head are left out, so this is a floor on the work done."""
+    return 2 * linear_params * (positions + with_backward)
+
+
+def matmul_gflops(rows: int, hidden: int, intermediate: int, repeats: int = 10) -> float:
+    """This CPU's fp32 matmul rate on one of the decoder's own shapes (the MLP's up projection over many positions),
+    measured now: the arithmetic ceiling of the update."""
+    x, w = torch.randn(rows, hidden), torch.randn(intermediate, hidden)
+    for _ in range(3):
+        x @ w.T
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        x @ w.T
+        times.append(time.perf_counter() - began)
+    return 2 * rows * hidden * intermediate / statistics.median(times) / 1e9
 
 
 def main(argv=None):
@@ -89,6 +121,7 @@ def main(argv=None):
                             prompts_per_iteration=args.prompts, samples_per_prompt=args.samples)
     torch.manual_seed(args.seed)
     base, tokenizer = load_base(args.model)
+    linear_params = decoder_linear_params(base)  # before the adapters wrap the layers
     train_args.recompute_old_logprobs = base.dtype != torch.float32  # as train.py decides it (no 4-bit on a CPU)
     if args.adapters:
         model = load_agents(base, args.adapters, trainable=True)
@@ -127,7 +160,7 @@ def main(argv=None):
                             p.copy_(start[n])
                 run = SimpleNamespace(model=model, tokenizer=tokenizer, device=next(model.parameters()).device,
                                       optimizers=make_optimizers(model, train_args))
-                counts[arm] = {"positions": 0, "padding": 0}
+                counts[arm] = {"positions": 0, "with_backward": 0, "padding": 0}
                 real_action_logprobs, train.action_logprobs = count_positions(train, counts[arm])
                 train.micro_batches = split
                 try:
@@ -150,9 +183,19 @@ def main(argv=None):
     for arm in arms:
         c = counts[arm]
         print(f"{arm:>14} | {median[arm]:>8.1f} | {c['positions']:>13} | {c['padding'] / c['positions']:>6.0%}")
+    # With fresh adapters many LoRA-A gradients start near Adam's eps, where rounding moves the step a lot: the two
+    # arms then differ by much more than with a trained pair (docs/performance.md; with SGD they agree to ~1e-5).
+    difference = (f"differ by {differ.norm() / change.norm():.1e} of their norm" if change.norm() > 0
+                  else "are both zero (were all advantages zero?)")
     print(f"grouped / plain: {median['grouped'] / median['plain']:.2f} in time, "
           f"{counts['grouped']['positions'] / counts['plain']['positions']:.2f} in positions run; the two updates' "
-          f"parameter changes differ by {differ.norm() / change.norm():.1e} of their norm")
+          f"parameter changes {difference}")
+    flops = update_flops(linear_params, counts["grouped"]["positions"], counts["grouped"]["with_backward"])
+    peak = matmul_gflops(2048, base.config.hidden_size, base.config.intermediate_size)
+    achieved = flops / median["grouped"] / 1e9
+    print(f"grouped update: at least {flops / 1e12:.2f} TFLOP in the decoder's linears ({linear_params:,} "
+          f"weights; {counts['grouped']['with_backward']} of the positions also backward) = {achieved:.0f} GFLOPS, "
+          f"{achieved / peak:.2f} of this CPU's fp32 matmul rate measured now ({peak:.0f} GFLOPS)")
     per_trajectory = (rollout_s + judge_s + median["grouped"]) / len(trajectories)
     print(f"stage-2 iteration: {rollout_s + judge_s + median['grouped']:.1f} s = {per_trajectory:.2f} s per "
           f"trajectory. Total {time.perf_counter() - began_all:.0f} s.")

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -407,6 +408,24 @@ def test_update_benchmark_runs(capsys, tiny_model_dir):
     out = capsys.readouterr().out
     assert "grouped / plain:" in out and "positions run" in out and "s per trajectory" in out
     assert train.micro_batches is logprobs.micro_batches  # the benchmark put the real one back
+    # The arithmetic line: the tiny model's 18,432 decoder weights (see the next test), and some but not all positions
+    # ran backward (the reference pass runs without grad).
+    arithmetic = re.search(r"\(18,432 weights; (\d+) of the positions also backward\)", out)
+    grouped_positions = int(re.search(r"grouped \| +[\d.]+ \| +(\d+) \|", out).group(1))
+    assert arithmetic and 0 < int(arithmetic.group(1)) < grouped_positions, out
+    assert "of this CPU's fp32 matmul rate measured now" in out
+
+
+def test_update_benchmark_counts_the_decoders_linear_arithmetic(tiny_model_dir):
+    from bench.update import decoder_linear_params, update_flops
+    from models import load_base
+
+    base, _ = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
+    # Per layer, by hand: q and o 32x32, k and v 32x16 (2 of 4 heads' width), gate/up/down 32x64; 2 layers; no lm_head.
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64
+    assert decoder_linear_params(base) == 2 * per_layer == 18432
+    # 2 FLOPs per weight per position forward, 2 more per position that also runs backward.
+    assert update_flops(18432, positions=100, with_backward=40) == 2 * 18432 * 100 + 2 * 18432 * 40
 
 
 def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
