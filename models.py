@@ -66,11 +66,7 @@ def default_model_path() -> str:
             "(or pass --model <hub id or local path>)"
         )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf_path = gguf_dir / _GGUF_FILE
-    # Key the cache by the GGUF's size and mtime: cheap, and a new package version gets a new conversion.
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{stat.st_size}-{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    target = cache_dir() / f"{_CONVERTED_PREFIX}{key}"
+    target = converted_folder(gguf_dir / _GGUF_FILE)
     if (target / "config.json").exists():
         return str(target)
 
@@ -100,6 +96,15 @@ def default_model_path() -> str:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def converted_folder(gguf_path: Path) -> Path:
+    """Where the conversion of this GGUF lives: keyed by the file's content (a 98 MB hash, ~0.1 s), so a new package
+    version gets a new conversion while re-installing the same one (every new .venv: pip gives the file a new mtime)
+    finds the old conversion instead of adding another 540 MB copy."""
+    with open(gguf_path, "rb") as file:
+        key = hashlib.file_digest(file, "sha1").hexdigest()[:10]
+    return cache_dir() / f"{_CONVERTED_PREFIX}{key}"
 
 
 def resolve_model(model: str) -> str:

@@ -235,6 +235,22 @@ def test_the_default_model_is_saved_under_its_upstream_hub_id(tmp_path, monkeypa
     assert "de-quantised from the Q4_1 GGUF" in card and "Not recorded" in card and "Not evaluated yet" in card
 
 
+def test_the_default_models_conversion_is_found_again_after_a_reinstall(tmp_path, monkeypatch):
+    """A new .venv installs the same GGUF with a new mtime; its conversion (540 MB) must be found, not made again."""
+    from models import converted_folder
+
+    monkeypatch.setenv("NANOWALTZ_CACHE", str(tmp_path / "cache"))
+    first, reinstalled, other_version = (tmp_path / name / "model.gguf" for name in ("venv1", "venv2", "venv3"))
+    for path, content in ((first, b"GGUF weights"), (reinstalled, b"GGUF weights"), (other_version, b"GGUF other")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(reinstalled, (1_000_000, 1_000_000))  # installed at another time
+    assert converted_folder(first) == converted_folder(reinstalled)
+    assert converted_folder(first) != converted_folder(other_version)
+    assert converted_folder(first).parent == tmp_path / "cache"
+    assert converted_folder(first).name.startswith("smollm2-135m-instruct-")  # what is_converted_default looks for
+
+
 def test_load_agents_rejects_a_folder_without_adapters(tiny_model_dir, tmp_path):
     base, _ = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
     with pytest.raises(SystemExit, match="conversation is not a saved adapter"):
