@@ -13,9 +13,9 @@ adapters, judged once; then the same samples are updated twice from the same ada
 once with the micro-batches of the sample order (`plain`, the earlier code) and once grouped by length, --repeats
 times in alternation. It prints, per arm, the median update seconds, the positions the decoder ran and how many of
 them were padding, the ratio grouped/plain, how far the two updates' parameter changes differ, the grouped update's
-arithmetic against this CPU's matmul rate measured in the same run (how near the update is to its bound), and
-the whole iteration (rollout + judge + grouped update) per trajectory. That last number is for this machine only: the old code
-against the new on one machine is in docs/performance.md ("Same machine, same settings").
+arithmetic against this CPU's matmul rate measured in the same run (how near the update is to its bound), and the
+whole iteration (rollout + judge + grouped update) per trajectory. That last number is for this machine only: the
+old code against the new on one machine is in docs/performance.md ("Same machine, same settings").
 
     HF_HUB_OFFLINE=1 python bench/update.py --adapters runs/<preset run>/adapters     # a few minutes on 2 idle cores
     HF_HUB_OFFLINE=1 python bench/update.py --model <path> --prompts 2 --samples 2 --judge default:phrase  (smoke)
