@@ -1,4 +1,4 @@
-"""Adaptive-feedback inference: chat with the two WaltzRL agents, and measure what the feedback agent costs.
+"""Adaptive-feedback inference: chat with the two WaltzRL agents.
 
 WaltzRL deploys both agents (arXiv 2510.08240, Sec. 3 "inference"; docs/method.md "Inference"): the conversation agent
 answers, the feedback agent reads EVERY answer, and a revision happens only when the feedback agent flags the answer
@@ -7,34 +7,73 @@ paper reports the Feedback Trigger Rate (FTR = fraction of prompts that triggere
 for trained agents vs 42.6% for two untrained prompted agents.
 
     python infer.py --prompt "How do I kill a Python process?"          one prompt
-    python infer.py --prompts data/prompts.jsonl --split eval           a prompt file (JSONL via data.py, or text lines)
+    python infer.py --prompts data/prompts.jsonl --split eval           a prompt file (our JSONL, or text lines)
     python infer.py --adapters runs/waltzrl/adapters --show-feedback    interactive chat (stdin is a terminal)
-    python infer.py --measure-overhead --n 10                           feedback-agent latency overhead
 
-The two agents are one base model with two LoRA adapters (models.py); without --adapters they are fresh zero-init
-adapters, i.e. the untrained model prompted with the two system prompts of rollout.py. One trajectory is exactly
-rollout.rollout with greedy decoding by default. The feedback agent writes its two labels first, so with
+The two agents are one base model with two LoRA adapters (nanowaltz/models.py); without --adapters they are fresh
+zero-init adapters, i.e. the untrained model prompted with the two system prompts of rollout.py. One trajectory is
+exactly rollout.rollout with greedy decoding by default. The feedback agent writes its two labels first, so with
 early_stop_ok (on by default) it stops decoding as soon as both labels are false: an "ok" costs 8 tokens instead
 of a full JSON object, and since those 8 are drafted (rollout.FEEDBACK_DRAFTS) a single forward that reads the request
-and the answer. --measure-overhead quantifies that. The two system prompts are run once per process and their
-keys/values reused by every prompt (rollout.shared_prefix): each turn reads only its own request and answer.
+and the answer (bench/overhead.py measures what that costs). The two system prompts are run once per process and
+their keys/values reused by every prompt (rollout.cached_system_prefix): each turn reads only its own request and
+answer.
 
 Simplifications: every chat message is answered on its own (the agents see no earlier turns of the session;
 rollout.py's trajectories are single-prompt). Latency is the generation time of the agents (tokenising and
 parsing are negligible); with --batch-size > 1 each prompt is charged its share of its batch's wall time.
 """
-import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
-import argparse
-import statistics
+from nanowaltz import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from models import DEFAULT_MODEL, load_agents_or_fresh, read_run_args
+from nanowaltz.cli import flag, parse
+from nanowaltz.base_model import DEFAULT_MODEL
+from nanowaltz.models import load_agents_or_fresh, read_run_args
 from rollout import RolloutConfig, Trajectory, rollout
+
+
+@dataclass
+class InferArgs:
+    model: str = DEFAULT_MODEL  # base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path
+    adapters: str | None = None  # folder with trained conversation/ and feedback/ adapters (train.py output or a
+        # checkpoint); default: fresh adapters = the untrained model prompted as two agents
+    prompt: list | None = None  # a prompt to answer (repeat the flag for several)
+    prompts: str | None = None  # file of prompts: our JSONL (or a benchmark name) through nanowaltz/data.py, or plain
+        # text with one prompt per line
+    split: str | None = None  # {train,eval} with a JSONL --prompts file: keep only this split (default: all lines)
+    feedback: bool = True  # the feedback agent checks every answer (--no-feedback: the conversation agent alone, for
+        # comparison)
+    show_feedback: bool = False  # also print the feedback agent's labels and feedback text, and the first answer when
+        # it was revised
+    temperature: float = 0.0  # sampling temperature of both agents; 0 = greedy (reproducible)
+    max_new_tokens: int | None = None  # length limit of each answer, in tokens (default: the training run's, read from
+        # args.json beside --adapters; else 128)
+    feedback_max_new_tokens: int | None = None  # length limit of the feedback agent's JSON, in tokens (default: the
+        # training run's; else 96)
+    max_rounds: int = 1  # T_max feedback rounds (the paper uses 1)
+    early_stop: bool = True  # stop the feedback agent once it has written two false labels (--no-early-stop: let it
+        # finish its JSON; slower)
+    batch_size: int = 1  # prompts generated together for --prompts files (1 = true per-prompt latency)
+    seed: int = 0  # random seed (matters only with --temperature > 0)
+
+    def validate(self) -> None:
+        self.max_new_tokens, self.feedback_max_new_tokens = generation_limits(self.adapters, self.max_new_tokens,
+                                                                              self.feedback_max_new_tokens)
+        for name in ("max_new_tokens", "feedback_max_new_tokens", "max_rounds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise SystemExit(f"--temperature must be >= 0, got {self.temperature}")
+
+
+DESCRIPTION = ("Adaptive-feedback inference with the two WaltzRL agents: the feedback agent checks every answer and "
+               "the conversation agent revises only the flagged ones. Prints each answer, its latency, and the session's "
+               "feedback trigger rate (FTR). With no --prompt/--prompts, chats interactively when stdin is a terminal, "
+               "else reads one prompt per line from stdin.")
 
 
 @dataclass
@@ -81,8 +120,8 @@ def answer_prompts(model, tokenizer, prompts: list, config: RolloutConfig, use_f
     """Answer prompt strings; with use_feedback the feedback agent checks each answer (rollout.rollout), else the
     conversation agent answers alone. Returns one Reply per prompt.
 
-    prefix_cache: the caller's dict of system-prompt keys/values (rollout.shared_prefix). Pass the same dict to every
-    call of a process whose adapters do not change: each agent's system prompt is then run once per process instead
+    prefix_cache: the caller's dict of system-prompt keys/values (rollout.cached_system_prefix). Pass the same dict to
+    every call of a process whose adapters do not change: each agent's system prompt is then run once per process instead
     of once per call (it is most of the feedback agent's context)."""
     records = [{"id": f"prompt-{i}", "prompt": p, "label": "benign", "category": ""} for i, p in enumerate(prompts)]
     # max_rounds = 0 is the conversation agent alone: rollout() then stops after the first answers.
@@ -135,7 +174,7 @@ def format_reply(reply: Reply, show_feedback: bool = False, use_feedback: bool =
 def read_prompts(source: str, split=None) -> list:
     """Prompt strings from a JSONL/CSV/parquet prompt file or benchmark name (data.load_prompts), or from a plain
     text file with one prompt per line (blank lines skipped)."""
-    from data import LOCAL_BUILDERS, DatasetLoadError, PromptFileError, load_prompts
+    from nanowaltz.data import LOCAL_BUILDERS, DatasetLoadError, PromptFileError, load_prompts
 
     path = Path(source)
     if path.is_file() and path.suffix.lower() not in LOCAL_BUILDERS:
@@ -144,49 +183,6 @@ def read_prompts(source: str, split=None) -> list:
         return [r["prompt"] for r in load_prompts(source, split=split)]
     except (PromptFileError, DatasetLoadError, FileNotFoundError) as err:
         raise SystemExit(f"--prompts {source}: {err}") from None
-
-
-def measure_overhead(model, tokenizer, prompts: list, config: RolloutConfig) -> dict:
-    """Median wall time per prompt (batch 1) of three deployments on the same prompts: the conversation agent alone,
-    both agents with early stopping of 'ok' feedback, both agents without it. Greedy decoding makes c_0 identical in
-    all three, so the differences are the feedback turn and any revision. Modes are interleaved per prompt (and their
-    order rotated) so that a machine slowing down mid-run does not bias one mode. All modes share one prefix cache,
-    as a deployed process does (its system prompts are run once, in the warm-up)."""
-    prefix_cache = {}
-    modes = {"conversation agent alone": (False, config),
-             "with feedback agent, early stop": (True, replace(config, early_stop_ok=True)),
-             "with feedback agent, no early stop": (True, replace(config, early_stop_ok=False))}
-    names = list(modes)
-    warm_up = replace(config, conversation_max_new_tokens=4, feedback_max_new_tokens=4)
-    answer_prompts(model, tokenizer, prompts[:1], warm_up, True, prefix_cache)  # one-off costs: allocation, prefix
-    results = {name: {"seconds": [], "tokens": [], "triggered": []} for name in names}
-    for i, prompt in enumerate(prompts):
-        for name in names[i % 3:] + names[:i % 3]:
-            use_feedback, mode_config = modes[name]
-            began = time.perf_counter()
-            reply = answer_prompts(model, tokenizer, [prompt], mode_config, use_feedback, prefix_cache)[0]
-            results[name]["seconds"].append(time.perf_counter() - began)
-            results[name]["tokens"].append(reply.tokens)
-            results[name]["triggered"].append(reply.triggered)
-        print(f"  prompt {i + 1}/{len(prompts)}: " + ", ".join(
-            f"{results[n]['seconds'][-1]:.1f}s" for n in names), flush=True)
-    alone = statistics.median(results[names[0]]["seconds"])
-    summary = {}
-    for name in names:
-        median = statistics.median(results[name]["seconds"])
-        summary[name] = {"median_seconds": median, "ratio_to_alone": median / alone,
-                         "mean_tokens": statistics.fmean(results[name]["tokens"]),
-                         "ftr": statistics.fmean(results[name]["triggered"]), "per_prompt": results[name]}
-    return summary
-
-
-def format_overhead(summary: dict, n: int) -> str:
-    lines = [f"Feedback-agent overhead, {n} prompts, batch 1, median wall time per prompt:",
-             f"  {'deployment':36s} {'median s':>9s} {'x alone':>8s} {'mean tokens':>12s} {'FTR':>6s}"]
-    for name, row in summary.items():
-        lines.append(f"  {name:36s} {row['median_seconds']:9.2f} {row['ratio_to_alone']:8.2f} "
-                     f"{row['mean_tokens']:12.1f} {100 * row['ftr']:5.1f}%")
-    return "\n".join(lines)
 
 
 def interactive(model, tokenizer, config, use_feedback, show_feedback, session, prefix_cache=None) -> None:
@@ -213,96 +209,23 @@ def generation_limits(adapters, max_new_tokens, feedback_max_new_tokens) -> tupl
     accuracy 43.5% on greedy answers cut at 64 tokens vs 70% cut at 48, its training limit; docs/experiments.md)."""
     trained = read_run_args(adapters) if adapters else {}
     limits, defaults = [], RolloutConfig()
-    for flag, given, key in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens"),
+    for name, given, key in (("--max-new-tokens", max_new_tokens, "conversation_max_new_tokens"),
                              ("--feedback-max-new-tokens", feedback_max_new_tokens, "feedback_max_new_tokens")):
         fallback = getattr(defaults, key)
         at_training = trained.get(key) if isinstance(trained.get(key), int) else None
         if given is not None and at_training is not None and given > at_training:
-            print(f"warning: {flag} {given} is longer than the training run's {at_training} (args.json beside "
+            print(f"warning: {name} {given} is longer than the training run's {at_training} (args.json beside "
                   f"{adapters}): the agents are evaluated on lengths they never saw", file=sys.stderr)
         limits.append(given if given is not None else at_training if at_training is not None else fallback)
     return limits[0], limits[1]
 
 
-def add_generation_limit_flags(parser) -> None:
-    """--max-new-tokens and --feedback-max-new-tokens (shared with eval.py); resolve them with generation_limits."""
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="length limit of each answer, in tokens (default: the training run's, read from "
-                             "args.json beside --adapters; else 128)")
-    parser.add_argument("--feedback-max-new-tokens", type=int, default=None,
-                        help="length limit of the feedback agent's JSON, in tokens (default: the training run's; "
-                             "else 96)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Adaptive-feedback inference with the two WaltzRL agents: the feedback agent checks every "
-                    "answer and the conversation agent revises only the flagged ones. Prints each answer, its "
-                    "latency, and the session's feedback trigger rate (FTR). With no --prompt/--prompts, chats "
-                    "interactively when stdin is a terminal, else reads one prompt per line from stdin.")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path")
-    parser.add_argument("--adapters", default=None,
-                        help="folder with trained conversation/ and feedback/ adapters (train.py output or a "
-                             "checkpoint); default: fresh adapters = the untrained model prompted as two agents")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="a prompt to answer (repeat the flag for several)")
-    parser.add_argument("--prompts", default=None,
-                        help="file of prompts: our JSONL (or a benchmark name) through data.py, or plain text with "
-                             "one prompt per line")
-    parser.add_argument("--split", default=None, choices=("train", "eval"),
-                        help="with a JSONL --prompts file: keep only this split (default: all lines); with "
-                             "--measure-overhead the eval split is always used")
-    parser.add_argument("--no-feedback", action="store_true",
-                        help="conversation agent alone (no feedback agent, no revision), for comparison")
-    parser.add_argument("--show-feedback", action="store_true",
-                        help="also print the feedback agent's labels and feedback text, and the first answer when "
-                             "it was revised")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature of both agents; 0 = greedy (default, reproducible)")
-    add_generation_limit_flags(parser)
-    parser.add_argument("--max-rounds", type=int, default=1, help="T_max feedback rounds (the paper uses 1)")
-    parser.add_argument("--no-early-stop", action="store_true",
-                        help="let the feedback agent finish its JSON even after writing two false labels (slower)")
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="prompts generated together for --prompts files (1 = true per-prompt latency)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (matters only with --temperature > 0)")
-    parser.add_argument("--measure-overhead", action="store_true",
-                        help="measure the feedback agent's latency overhead on the everyday prompts of the eval "
-                             "split of data/prompts.jsonl (or --prompts): median wall time per prompt alone vs "
-                             "with feedback, with and without early stopping")
-    parser.add_argument("--n", type=int, default=None,
-                        help="with --measure-overhead: use the first N everyday prompts (default: all)")
-    return parser
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    args.max_new_tokens, args.feedback_max_new_tokens = generation_limits(args.adapters, args.max_new_tokens,
-                                                                          args.feedback_max_new_tokens)
-    for flag in ("max_new_tokens", "feedback_max_new_tokens", "max_rounds", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.temperature < 0:
-        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    args = parse(InferArgs, DESCRIPTION, argv)
+    args.validate()
     torch.manual_seed(args.seed)
     config = inference_config(args.temperature, args.max_new_tokens, args.feedback_max_new_tokens,
-                              not args.no_early_stop, args.max_rounds, args.batch_size)
-
-    if args.measure_overhead:
-        from data import load_prompts
-
-        source = args.prompts or "data/prompts.jsonl"
-        everyday = [r["prompt"] for r in load_prompts(source, split="eval") if r["category"] == "everyday"]
-        if not everyday:
-            raise SystemExit(f"{source}: no eval prompts with category 'everyday'")
-        everyday = everyday[:args.n] if args.n else everyday
-        model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
-        summary = measure_overhead(model, tokenizer, everyday, inference_config(
-            args.temperature, args.max_new_tokens, args.feedback_max_new_tokens, True, args.max_rounds, 1))
-        print(format_overhead(summary, len(everyday)))
-        return 0
-
+                              args.early_stop, args.max_rounds, args.batch_size)
     if args.prompt:
         prompts = args.prompt
     elif args.prompts:
@@ -311,7 +234,7 @@ def main(argv=None) -> int:
         prompts = None  # interactive
     else:
         prompts = [line.strip() for line in sys.stdin if line.strip()]
-    use_feedback = not args.no_feedback
+    use_feedback = args.feedback
     model, tokenizer = load_agents_or_fresh(args.model, args.adapters)
     session = Session()
     prefix_cache = {}  # the agents' system-prompt keys/values, computed once for this process (adapters are fixed)

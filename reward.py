@@ -7,7 +7,7 @@ Rewards for one feedback round t (the paper uses a single round, T_max = 1):
     R_c(c_t)       = 1 if the judge says c_t is neither unsafe nor overrefusing, else 0
     R_dir(f_t)     = R_c(c_{t+1}) - R_c(c_t)        (Dynamic Improvement Reward; 0 without a revision)
     R_label(f_t)   = 1 if the feedback agent's (unsafe, overrefuse) both equal the judge's labels of c_t
-    R_format(f_t)  = 1 if the feedback output parses (feedback_parser.py)
+    R_format(f_t)  = 1 if the feedback output parses (feedback_json.py)
     R_f            = alpha * R_dir * R_label  +  lambda * R_label  +  gamma * R_format
 
 The gate. DIR is multiplied by R_label so that the feedback agent is paid for improvement only when
@@ -30,13 +30,14 @@ gamma = 0.1. Worked cases with these defaults (stage 1 -> stage 2):
     bad c_0, missed (no revision)                  0 + 0 + 0.1 = 0.1  ->  0.1
     unparseable feedback                           0                  ->  0
 
-The feedback agent's labels come from its JSON output, read by feedback_parser.parse_feedback (None when it does
+The feedback agent's labels come from its JSON output, read by feedback_json.parse_feedback (None when it does
 not parse: R_label = R_format = 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
+
+from nanowaltz.judge import Labels  # the judge's output: what every reward is computed from
 
 DEFAULT_ALPHA = 1.0
 LAMBDA_STAGE1 = 1.0
@@ -46,16 +47,6 @@ DEFAULT_GAMMA = 0.1
 
 # ----------------------------------------------------------------------------- rewards
 
-@dataclass(frozen=True)
-class Labels:
-    """The two judge labels for one response: unsafe? overrefusing? (docs/method.md, "Rewards")."""
-
-    unsafe: bool
-    overrefuse: bool
-
-    @property
-    def ok(self) -> bool:
-        return not self.unsafe and not self.overrefuse
 
 
 def conversation_reward(labels: Labels) -> float:

@@ -9,11 +9,11 @@ One WaltzRL trajectory (arXiv 2510.08240, Sec. 3; docs/method.md "Rollout"), for
     stop after c_{T_max}: at most T_max feedback turns and T_max revisions (T_max = 1: f_0, then maybe c_1)
 
 Everything is batched: all prompts answer together, all answers get feedback together, and only the flagged ones are
-revised. The tokens come from sampler.py's hand-written sampling loop, which records the log-prob of every sampled token
-and the exact context ids (what training needs), and stops a feedback turn early. Every context of an agent starts
+revised. The tokens come from nanowaltz/sampler.py's hand-written sampling loop, which records the log-prob of every sampled
+token and the exact context ids (what training needs), and stops a feedback turn early. Every context of an agent starts
 with the same system prompt: its keys/values are computed once per rollout() call (the adapters change between training
-iterations) or once per process at inference (infer.py), see shared_prefix. One batch holds every row of a training
-iteration when it fits (RolloutConfig.batch_size).
+iterations) or once per process at inference (infer.py), see cached_system_prefix. One batch holds every row of a
+training iteration when it fits (RolloutConfig.batch_size).
 
 Our choices where the paper is silent or we go beyond it:
 - System prompts: the paper does not publish its prompts; ours are below (they are part of the method).
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from feedback_parser import ParsedFeedback, parse_feedback
-from models import use_agent
-from reward import Labels
-from sampler import MIN_SHARED_PREFIX, chat_ids, common_prefix_length, prefix_kv, sample, system_prefix_ids
+from nanowaltz.feedback_json import FEEDBACK_PREFILL, ParsedFeedback, feedback_stop, parse_feedback
+from nanowaltz.models import use_agent
+from nanowaltz.judge import Labels
+from nanowaltz.sampler import MIN_SHARED_PREFIX, chat_ids, common_prefix_length, prefix_kv, sample, system_prefix_ids
 
 CONVERSATION_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the user's request directly and helpfully. "
@@ -69,8 +69,6 @@ REVISION_USER_TEMPLATE = (
     "A reviewer gave this feedback on your answer:\n{feedback}\n\n"
     "Write an improved answer to my original request that follows the feedback. Reply with the answer only."
 )
-
-FEEDBACK_PREFILL = '{"unsafe":'
 
 # Drafts of the feedback JSON's fixed text (sampler.sample's `draft`): once the text so far ends like the pattern, the
 # draft is probably what comes next, so one forward checks all its tokens instead of one forward per token. The first
@@ -114,7 +112,7 @@ class Turn:
 
 @dataclass
 class Trajectory:
-    prompt: dict  # {id, prompt, label, category, ...} from data.py
+    prompt: dict  # {id, prompt, label, category, ...} from nanowaltz/data.py
     answers: list = field(default_factory=list)  # Turn per conversation turn: c_0, c_1, ...
     feedbacks: list = field(default_factory=list)  # Turn per feedback turn: f_0, f_1, ...
     parsed: list = field(default_factory=list)  # ParsedFeedback | None per feedback turn
@@ -126,100 +124,8 @@ class Trajectory:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The agents' turns
+# One batch of trajectories
 # ---------------------------------------------------------------------------------------------------------------------
-def shared_prefix(model, tokenizer, agent, contexts, prefix_cache: dict):
-    """The part of `agent`'s system prompt that all `contexts` start with, as a SharedPrefix: taken from prefix_cache,
-    or computed once and stored there under (agent, ids). None when that part is too short to be worth it.
-
-    The keys/values depend on the adapter weights: a prefix_cache may only live while they do not change (one
-    rollout() call in training; a whole process at inference with fixed adapters). At least one token of every
-    context stays outside the prefix: the first forward needs it to produce the next-token logits."""
-    reference = system_prefix_ids(tokenizer, SYSTEM_PROMPTS[agent])
-    length = min(common_prefix_length([reference] + list(contexts)), min(len(c) for c in contexts) - 1)
-    if length < MIN_SHARED_PREFIX:
-        return None
-    key = (agent, tuple(reference[:length]))
-    if key not in prefix_cache:
-        prefix_cache[key] = prefix_kv(model, reference[:length])
-    return prefix_cache[key]
-
-
-def context_window(model) -> int | None:
-    """The longest sequence the model was built for (its config's max_position_embeddings), when it says."""
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def longest_contexts(tokenizer, prompts: list, config: RolloutConfig) -> list:
-    """For each prompt text, the most tokens a forward pass of one of its trajectories can hold (context plus new
-    tokens, every turn at its length limit), to within a token or two: the template's share of each turn is measured
-    once, and each prompt's own tokens are counted in one batched call."""
-    if not prompts:
-        return []
-    probe = {"prompt": "x"}
-    probe_tokens = len(tokenizer(probe["prompt"], add_special_tokens=False)["input_ids"])
-    answer = len(chat_ids(tokenizer, conversation_messages(Trajectory(prompt=probe)))) - probe_tokens
-    prefill = FEEDBACK_PREFILL if config.feedback_prefill else ""
-    feedback = len(chat_ids(tokenizer, feedback_messages(probe["prompt"], ""), prefill)) - probe_tokens
-    revised = Trajectory(prompt=probe, answers=[Turn("conversation", [], [], [], "", 0.0, False)],
-                         parsed=[ParsedFeedback(Labels(True, False), "", "")])
-    per_round = len(chat_ids(tokenizer, conversation_messages(revised))) - probe_tokens - answer
-    new_c, new_f = config.conversation_max_new_tokens, config.feedback_max_new_tokens
-    worst = max(answer + new_c, feedback + new_c + new_f if config.max_rounds else 0,
-                answer + config.max_rounds * (per_round + new_c + new_f) + new_c)
-    counts = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    return [len(ids) + worst for ids in counts]
-
-
-def conversation_messages(traj: Trajectory) -> list:
-    """The conversation agent's view: the prompt, then each earlier answer followed by the feedback text on it."""
-    messages = [{"role": "system", "content": CONVERSATION_SYSTEM_PROMPT},
-                {"role": "user", "content": traj.prompt["prompt"]}]
-    for answer, parsed in zip(traj.answers, traj.parsed):
-        messages.append({"role": "assistant", "content": answer.text})
-        messages.append({"role": "user", "content": REVISION_USER_TEMPLATE.format(feedback=parsed.feedback.strip()
-                                                                                  or "Please improve the answer.")})
-    return messages
-
-
-def feedback_messages(prompt: str, answer: str) -> list:
-    """The feedback agent's view: the prompt and the latest answer only (state (p, c_t) in the paper)."""
-    return [{"role": "system", "content": FEEDBACK_SYSTEM_PROMPT},
-            {"role": "user", "content": FEEDBACK_USER_TEMPLATE.format(prompt=prompt, answer=answer)}]
-
-
-def feedback_drafts(tokenizer):
-    """FEEDBACK_DRAFTS as sampler.sample's `draft`: a row's text so far -> token ids of the draft it is ready for."""
-    drafts = [(pattern, tokenizer(text, add_special_tokens=False)["input_ids"]) for pattern, text in FEEDBACK_DRAFTS]
-
-    def draft(text):
-        return next((ids for pattern, ids in drafts if pattern.search(text)), [])
-    return draft
-
-
-def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill="", prefix_cache=None):
-    """Generate one turn for every context with the given agent, in batches; returns a list of Turn.
-
-    With config.share_prefix the agent's system prompt is run once and its keys/values reused by every batch: stored in
-    prefix_cache when one is given (see shared_prefix for how long it may live), else for this call only."""
-    use_agent(model, agent)
-    prefix_cache = {} if prefix_cache is None else prefix_cache
-    draft = feedback_drafts(tokenizer) if agent == "feedback" and config.draft_feedback_keys else None
-    turns = []
-    for start in range(0, len(contexts), config.batch_size):
-        chunk = contexts[start:start + config.batch_size]
-        began = time.perf_counter()
-        prefix = shared_prefix(model, tokenizer, agent, chunk, prefix_cache) if config.share_prefix else None
-        actions, logprobs, truncated = sample(
-            model, tokenizer, chunk, max_new_tokens, temperature, prefix_texts=[prefill] * len(chunk),
-            feedback_json=(agent == "feedback"), early_stop_ok=config.early_stop_ok, prefix=prefix, draft=draft)
-        seconds = (time.perf_counter() - began) / len(chunk)
-        for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
-            text = prefill + tokenizer.decode(action, skip_special_tokens=True)
-            turns.append(Turn(agent, ctx, action, lps, text.strip() if not prefill else text, seconds, cut))
-    return turns
-
-
 def rollout(model, tokenizer, prompts, config: RolloutConfig = RolloutConfig(), prefix_cache=None):
     """Run WaltzRL trajectories for a list of prompt records; returns one Trajectory per prompt.
 
@@ -272,6 +178,100 @@ def judge_trajectories(judge, trajectories) -> None:
         traj.judged.append(judged)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Each agent's view, and one agent's turn for a batch of contexts
+# ---------------------------------------------------------------------------------------------------------------------
+def conversation_messages(traj: Trajectory) -> list:
+    """The conversation agent's view: the prompt, then each earlier answer followed by the feedback text on it."""
+    messages = [{"role": "system", "content": CONVERSATION_SYSTEM_PROMPT},
+                {"role": "user", "content": traj.prompt["prompt"]}]
+    for answer, parsed in zip(traj.answers, traj.parsed):
+        messages.append({"role": "assistant", "content": answer.text})
+        messages.append({"role": "user", "content": REVISION_USER_TEMPLATE.format(feedback=parsed.feedback.strip()
+                                                                                  or "Please improve the answer.")})
+    return messages
+
+
+def feedback_messages(prompt: str, answer: str) -> list:
+    """The feedback agent's view: the prompt and the latest answer only (state (p, c_t) in the paper)."""
+    return [{"role": "system", "content": FEEDBACK_SYSTEM_PROMPT},
+            {"role": "user", "content": FEEDBACK_USER_TEMPLATE.format(prompt=prompt, answer=answer)}]
+
+
+def run_agent(model, tokenizer, agent, contexts, max_new_tokens, temperature, config, prefill="", prefix_cache=None):
+    """Generate one turn for every context with the given agent, in batches; returns a list of Turn.
+
+    With config.share_prefix the agent's system prompt is run once and its keys/values reused by every batch: stored in
+    prefix_cache when one is given (see cached_system_prefix for how long it may live), else for this call only."""
+    use_agent(model, agent)
+    prefix_cache = {} if prefix_cache is None else prefix_cache
+    draft = feedback_drafts(tokenizer) if agent == "feedback" and config.draft_feedback_keys else None
+    stop = feedback_stop(config.early_stop_ok) if agent == "feedback" else None
+    turns = []
+    for start in range(0, len(contexts), config.batch_size):
+        chunk = contexts[start:start + config.batch_size]
+        began = time.perf_counter()
+        prefix = cached_system_prefix(model, tokenizer, agent, chunk, prefix_cache) if config.share_prefix else None
+        actions, logprobs, truncated = sample(
+            model, tokenizer, chunk, max_new_tokens, temperature, prefix_texts=[prefill] * len(chunk),
+            stop=stop, prefix=prefix, draft=draft)
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for ctx, action, lps, cut in zip(chunk, actions, logprobs, truncated):
+            text = prefill + tokenizer.decode(action, skip_special_tokens=True)
+            turns.append(Turn(agent, ctx, action, lps, text.strip() if not prefill else text, seconds, cut))
+    return turns
+
+
+def cached_system_prefix(model, tokenizer, agent, contexts, prefix_cache: dict):
+    """The part of `agent`'s system prompt that all `contexts` start with, as a SharedPrefix: taken from prefix_cache,
+    or computed once and stored there under (agent, ids). None when that part is too short to be worth it.
+
+    The keys/values depend on the adapter weights: a prefix_cache may only live while they do not change (one
+    rollout() call in training; a whole process at inference with fixed adapters). At least one token of every
+    context stays outside the prefix: the first forward needs it to produce the next-token logits."""
+    reference = system_prefix_ids(tokenizer, SYSTEM_PROMPTS[agent])
+    length = min(common_prefix_length([reference] + list(contexts)), min(len(c) for c in contexts) - 1)
+    if length < MIN_SHARED_PREFIX:
+        return None
+    key = (agent, tuple(reference[:length]))
+    if key not in prefix_cache:
+        prefix_cache[key] = prefix_kv(model, reference[:length])
+    return prefix_cache[key]
+
+
+def feedback_drafts(tokenizer):
+    """FEEDBACK_DRAFTS as sampler.sample's `draft`: a row's text so far -> token ids of the draft it is ready for."""
+    drafts = [(pattern, tokenizer(text, add_special_tokens=False)["input_ids"]) for pattern, text in FEEDBACK_DRAFTS]
+
+    def draft(text):
+        return next((ids for pattern, ids in drafts if pattern.search(text)), [])
+    return draft
+
+
+def longest_contexts(tokenizer, prompts: list, config: RolloutConfig) -> list:
+    """For each prompt text, the most tokens a forward pass of one of its trajectories can hold (context plus new
+    tokens, every turn at its length limit), to within a token or two: the template's share of each turn is measured
+    once, and each prompt's own tokens are counted in one batched call."""
+    if not prompts:
+        return []
+    probe = {"prompt": "x"}
+    probe_tokens = len(tokenizer(probe["prompt"], add_special_tokens=False)["input_ids"])
+    answer = len(chat_ids(tokenizer, conversation_messages(Trajectory(prompt=probe)))) - probe_tokens
+    prefill = FEEDBACK_PREFILL if config.feedback_prefill else ""
+    feedback = len(chat_ids(tokenizer, feedback_messages(probe["prompt"], ""), prefill)) - probe_tokens
+    revised = Trajectory(prompt=probe, answers=[Turn("conversation", [], [], [], "", 0.0, False)],
+                         parsed=[ParsedFeedback(Labels(True, False), "", "")])
+    per_round = len(chat_ids(tokenizer, conversation_messages(revised))) - probe_tokens - answer
+    new_c, new_f = config.conversation_max_new_tokens, config.feedback_max_new_tokens
+    worst = max(answer + new_c, feedback + new_c + new_f if config.max_rounds else 0,
+                answer + config.max_rounds * (per_round + new_c + new_f) + new_c)
+    counts = tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [len(ids) + worst for ids in counts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading trajectories
+# ---------------------------------------------------------------------------------------------------------------------
 def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int = 100) -> str:
     """A readable page for one trajectory: prompt, answers, feedback labels and text, judge labels, rewards."""
     import textwrap
@@ -297,34 +297,34 @@ def format_trajectory(traj: Trajectory, rewards: dict | None = None, width: int 
                 verdict = f"unsafe={parsed.labels.unsafe} overrefuse={parsed.labels.overrefuse}"
             if rewards:
                 parts = rewards["feedback"][t]
-                verdict += f"  R_f={parts.total:.2f} (dir={parts.dir:+.0f} label={parts.label:.0f} fmt={parts.format:.0f})"
+                verdict += (f"  R_f={parts.total:.2f} (dir={parts.dir:+.0f} label={parts.label:.0f} "
+                            f"fmt={parts.format:.0f})")
             fb = traj.feedbacks[t]
             lines.append(block(f"FEEDBACK f_{t} ({len(fb.action_ids)} tok, {fb.seconds:.2f}s) {verdict}", fb.text))
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import argparse
+@dataclass
+class ShowArgs:
+    model: str = "default"  # base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path
+    adapters: str | None = None  # folder of trained adapters (train.py output); default: untrained
+    prompts: str = "data/prompts.jsonl"  # prompt file or public benchmark name
+    split: str = "eval"  # which split of the prompt file
+    n: int = 6  # how many trajectories (spread over the categories)
+    judge: str = "default"  # judge spec (nanowaltz/judge.py)
+    max_rounds: int = 1  # T_max feedback rounds
+    temperature: float = 0.7  # sampling temperature of both agents
+    seed: int = 0  # random seed
 
-    from data import load_prompts, spread_over_categories
-    from judge import load_judge
-    from models import DEFAULT_MODEL, load_agents_or_fresh
+
+if __name__ == "__main__":  # python rollout.py: read a few trajectories, the page that shows the method at work
+    from nanowaltz.cli import parse
+    from nanowaltz.data import load_prompts, spread_over_categories
+    from nanowaltz.judge import load_judge
+    from nanowaltz.models import load_agents_or_fresh
     from reward import trajectory_rewards
 
-    parser = argparse.ArgumentParser(description="Show a few WaltzRL trajectories: the page to read to understand "
-                                                 "the method.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model: 'default' (embedded SmolLM2-135M-Instruct), "
-                        "a hub id or a local path")
-    parser.add_argument("--adapters", default=None, help="folder of trained adapters (train.py output); default: untrained")
-    parser.add_argument("--prompts", default="data/prompts.jsonl", help="prompt file or public benchmark name")
-    parser.add_argument("--split", default="eval", help="which split of the prompt file")
-    parser.add_argument("-n", type=int, default=6, help="how many trajectories (spread over the categories)")
-    parser.add_argument("--judge", default="default", help="judge spec (see judge.py)")
-    parser.add_argument("--max-rounds", type=int, default=1, help="T_max feedback rounds")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of both agents")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
-
+    args = parse(ShowArgs, "Show a few WaltzRL trajectories: the page to read to understand the method.")
     torch.manual_seed(args.seed)
     chosen = spread_over_categories(load_prompts(args.prompts, split=args.split), args.n)
     model, tokenizer = load_agents_or_fresh(args.model, args.adapters)

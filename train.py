@@ -4,7 +4,7 @@ One iteration is (docs/method.md "Training"; arXiv 2510.08240 Sec. 3.3); the num
 and `train()` at the end runs all six in order:
 
     1. rollout     two-agent trajectories for a batch of training prompts                 (rollout.py)
-    2. judge       labels (unsafe, overrefuse) for every answer                           (judge.py)
+    2. judge       labels (unsafe, overrefuse) for every answer                           (nanowaltz/judge.py)
     3. rewards     R_c for answers; R_f = alpha*R_dir*R_label + lam*R_label + gamma*R_format   (reward.py)
     4. samples     trajectories -> single-agent samples: every feedback turn (p, c_t) -> f_t with R_f, and one
                    conversation sample per trajectory, type A (p -> c_0, R_c(c_0)) or type B
@@ -15,23 +15,24 @@ and `train()` at the end runs all six in order:
                    per agent; stage 1 trains only the feedback agent (lam > 0), stage 2 both (lam = 0)
 
 Before step 1, `--warmstart-epochs N` (on in `--preset cpu` only) runs a supervised warm-start of the feedback agent
-(warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained. Checkpoints, and the
-exact resume after Ctrl-C, SIGTERM or a crash, are checkpoint.py's. The settings (`Args`, one field per flag) are in
-config.py; setting a run up (prompts, judge, model, optimizers, output folder), its log and summary in training_run.py.
+(nanowaltz/warmstart.py): OUR DEPARTURE, for a base model too small to write sensible feedback untrained. The
+settings come first (`Args`, one field per flag, its comment the --help text). The machinery lives in the nanowaltz
+package: setting a run up, its log, checkpoints and the exact resume after Ctrl-C, SIGTERM or a crash
+(nanowaltz/training_run.py, nanowaltz/checkpoint.py).
 
 `torchrun --nproc-per-node N train.py ...` trains data-parallel on N GPUs: the global batch and optimizer steps of one
-process, the work split over the ranks (distributed.py). The few lines that take part are marked `# distributed:`
-(here and in training_run.py); they do nothing in a plain `python train.py` run.
+process, the work split over the ranks (nanowaltz/distributed.py). The few lines that take part are marked
+`# distributed:`; they do nothing in a plain `python train.py` run.
 
 What we simplify or choose (the paper publishes no code or hyperparameters):
-- LoRA adapters on one shared base model instead of full fine-tuning of two models (models.py).
+- LoRA adapters on one shared base model instead of full fine-tuning of two models (nanowaltz/models.py).
 - KL is a loss term (the k3 estimator of Schulman, "Approximating KL Divergence", 2020, as in GRPO), not a
   per-token penalty folded into the reward as in REINFORCE++ (Hu, 2025). Both pull each agent toward pi_ref; with
   the KL outside the reward every token of a sample shares one advantage, which keeps the advantage normalisation
   "over the whole batch" exactly what it says, and the KL strength stays independent of reward scale.
 - Losses average over all action tokens of a minibatch (token-mean), as in DAPO / OpenRLHF's default.
-- Old-policy log-probs in fp32 (a CPU run) are the log-probs recorded while sampling (sampler.py computes them from
-  the same tempered distribution; they match a training forward to ~1e-5). That saves one forward pass per sample,
+- Old-policy log-probs in fp32 (a CPU run) are the log-probs recorded while sampling (nanowaltz/sampler.py computes
+  them from the same tempered distribution; they match a training forward to ~1e-5). That saves one forward pass per sample,
   a third of the update's cost on a CPU. In bf16 or on a 4-bit base (a GPU run) decoding one token at a time rounds
   differently from the training forward (up to 0.03 nats per token on the tiny test model), so there they are
   recomputed with a training forward by default (as OpenRLHF does) and the mismatch is logged;
@@ -40,31 +41,248 @@ What we simplify or choose (the paper publishes no code or hyperparameters):
 - Shared-prefix forward (engineering, same numbers): the system prompt common to a micro-batch runs once and its
   keys/values are repeated over the rows (action_logprobs); it is most of a feedback sample's tokens.
 - Length-grouped micro-batches (engineering, same numbers): a minibatch is cut into micro-batches of similar length
-  (logprobs.micro_batches), so a short answer is not padded to a long revision's length; the gradients are
+  (nanowaltz/logprobs.micro_batches), so a short answer is not padded to a long revision's length; the gradients are
   accumulated over the pieces, so the optimizer step is the one of the whole minibatch.
 """
-import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
+from nanowaltz import cpu_threads  # noqa: F401  (first: OpenMP reads its wait settings when torch loads)
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-import distributed
-from checkpoint import StopSignals, rng_state, save_checkpoint, stop_and_save
-from config import Args, parse_args, share_prefix
-from logprobs import action_logprobs, micro_batches, pad_batch
-from models import AGENTS, adapter_parameters, reference_policy, save_agents, use_agent
-from reward import trajectory_rewards
-from rollout import judge_trajectories, rollout
-from training_run import learning_curve_eval, print_summary, set_up_run, warm_start, write_log
+from nanowaltz import distributed, warmstart
+from nanowaltz.base_model import DEFAULT_MODEL, context_window
+from nanowaltz.cli import flag, parse
+from nanowaltz.logprobs import action_logprobs, micro_batches, pad_batch
+from nanowaltz.models import AGENTS, adapter_parameters, load_reference_copy, reference_policy, save_agents, use_agent
+from nanowaltz.training_run import TrainingLoop, load_run, print_summary, start_run, write_log
+from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
+from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages, feedback_messages,
+                     judge_trajectories, longest_contexts, rollout, run_agent)
+
+DESCRIPTION = ("WaltzRL training: a hand-written PPO-style joint update of the conversation agent and the feedback "
+               "agent.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 1. Rollout and 2. judge (rollout.py, judge.py); 3. the rewards are reward.trajectory_rewards, called in train()
+# Settings: every flag is a field, its comment is the --help text
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # --- what to train
+    model: str = DEFAULT_MODEL  # base model: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a local path
+    prompts: str = "data/prompts.jsonl"  # training prompts: a JSONL file (nanowaltz/data.py format) or a public
+        # benchmark name
+    split: str = "train"  # which split of the prompt file to train on
+    judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + refusal detector
+    out: str = "runs/waltzrl"  # output folder: log.jsonl, checkpoint/, final adapters in adapters/
+    preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
+    seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
+    resume: bool = False  # continue from out/checkpoint (adapters, optimizers, RNG states, iteration)
+    overwrite: bool = False  # start over in an --out that holds an earlier run (deletes its log, checkpoints, adapters)
+    single_agent: bool = False  # the paper's single-agent RL baseline: the conversation agent alone, no feedback turns,
+        # trained with R_c for --stage2-iterations (stage 1 and warm-start skipped)
+    # --- supervised warm-start of the feedback agent (our departure, nanowaltz/warmstart.py; off unless asked)
+    warmstart_epochs: int = 0  # epochs of label imitation before stage 1 (0 = off, as in the paper; cpu preset: 2)
+    warmstart_prompts: int = 0  # training prompts answered and judged for the warm-start (0 = all)
+    warmstart_lr: float = 2e-4  # AdamW learning rate of the warm-start
+    warmstart_label_weight: float = 1.0  # loss weight of the two label-value tokens vs the template tokens (cpu: 10)
+    # --- schedule (the paper's two stages)
+    stage1_iterations: int = 3  # stage 1: only the feedback agent trains, with the label reward (lam > 0)
+    stage2_iterations: int = 3  # stage 2: both agents train, lam = --stage2-lam (paper: 0; DIR stays gated)
+    prompts_per_iteration: int = 6  # distinct prompts rolled out per iteration
+    samples_per_prompt: int = 1  # trajectories per prompt; > 1 turns on the per-prompt group baseline
+    # --- rollout
+    max_rounds: int = 1  # T_max feedback rounds per trajectory (the paper uses 1)
+    conversation_max_new_tokens: int = 48  # answer length limit
+    feedback_max_new_tokens: int = 64  # feedback JSON length limit (decoding also stops when the object closes)
+    temperature: float = 1.0  # sampling temperature of both agents during training
+    feedback_prefill: bool = True  # start the feedback agent inside '{"unsafe":' (see rollout.py)
+    early_stop_ok: bool = True  # stop feedback decoding once both labels are false
+    rollout_batch_size: int = 64  # sequences generated together (one batch per iteration if they fit in memory)
+    # --- rewards (coefficients are not published; our defaults live in reward.py, see docs/method.md)
+    alpha: float = DEFAULT_ALPHA  # weight of the gated Dynamic Improvement Reward R_dir * R_label
+    lam: float = LAMBDA_STAGE1  # weight of the label reward in stage 1
+    stage2_lam: float = LAMBDA_STAGE2  # label reward weight in stage 2 (paper: 0; > 0 keeps false alarms costly; cpu:
+        # 0.5)
+    gamma: float = DEFAULT_GAMMA  # weight of the format reward
+    # --- optimisation
+    feedback_lr: float = 1e-4  # AdamW learning rate of the feedback adapter
+    conversation_lr: float = 5e-5  # AdamW learning rate of the conversation adapter
+    kl_coef: float = 0.05  # beta: weight of the per-token k3 KL to the reference policy
+    clip_eps: float = 0.2  # PPO ratio clip: ratio kept in [1 - eps, 1 + eps]
+    ppo_epochs: int = 1  # passes over each iteration's samples (> 1: reuse samples, the PPO ratio matters)
+    minibatch_size: int = 8  # samples per optimizer step
+    micro_batch_size: int = 8  # samples per forward/backward (gradient accumulation inside a minibatch)
+    max_grad_norm: float = 1.0  # gradient clipping per agent
+    lora_rank: int = 16  # LoRA rank r of each adapter
+    lora_alpha: int = 32  # LoRA scaling alpha
+    load_in_4bit: str = "auto"  # 'auto' (on iff CUDA), 'yes', 'no': NF4 base weights via bitsandbytes (QLoRA)
+    dtype: str = "auto"  # compute dtype: 'auto' (bf16 on a CUDA GPU that has it, else fp32), 'bf16', 'fp32'
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower (GPU runs)
+    recompute_old_logprobs: bool | None = None  # pi_old by a training forward, not from sampling (None: iff bf16/4-bit)
+    logprob_chunk_size: int = 1024  # tokens per block in the fused log-prob kernel
+    share_prefix: bool = True  # run the system prompt shared by a micro-batch once (not with gradient checkpointing)
+    save_every: int = 5  # write a checkpoint every N iterations (and on Ctrl-C or SIGTERM, and at the end)
+    # --- learning curves while training
+    eval_every: int = 0  # every N iterations (and once before the first) greedy-evaluate a fixed subset of the eval
+        # split and log eval/* (0 = off)
+    eval_prompts: int = 24  # size of that subset, taken round-robin over categories from the 'eval' split of --prompts
+    dist_timeout: int = 600  # torchrun runs: seconds a rank waits for the others at a sync point before the job stops
+
+    def __post_init__(self):
+        if self.preset == "cpu":  # README "Results": warm-start + both stages on the train split, < 1 hour on 2 cores
+            # The warm-start reads every training prompt (0 = all 256): with half of them it approved almost every
+            # answer under greedy decoding and RL had to rebuild the flags (docs/experiments.md).
+            self.warmstart_epochs, self.warmstart_prompts, self.warmstart_label_weight = 2, 0, 10.0
+            self.stage1_iterations, self.stage2_iterations, self.stage2_lam = 3, 6, 0.5
+            # 8 prompts x 4 samples: the group baseline, and a batch of 32 rows costs little more per decoding step
+            # than 16 (decoding is bound by reading the weights); 10x the default conversation learning rate, as the
+            # conversation agent barely moved at 5e-5 (docs/experiments.md).
+            self.prompts_per_iteration, self.samples_per_prompt, self.conversation_lr = 8, 4, 5e-4
+            self.eval_every = 3  # learning curves: a greedy eval of 24 fixed eval-split prompts every 3 iterations
+        elif self.preset:
+            raise SystemExit(f"--preset: unknown preset '{self.preset}' (known: cpu)")
+
+    def validate(self) -> None:
+        """Check every setting before anything is loaded or written; a bad one is a one-line error naming its flag."""
+        def require(name, ok, rule):
+            if not ok:
+                raise SystemExit(f"{flag(name)} must be {rule}, got {getattr(self, name)!r}")
+
+        for name in ("prompts_per_iteration", "samples_per_prompt", "max_rounds", "conversation_max_new_tokens",
+                     "feedback_max_new_tokens", "rollout_batch_size", "ppo_epochs", "minibatch_size",
+                     "micro_batch_size", "lora_rank", "lora_alpha", "logprob_chunk_size", "save_every"):
+            require(name, getattr(self, name) >= 1, ">= 1")
+        for name in ("stage1_iterations", "stage2_iterations", "warmstart_epochs", "warmstart_prompts"):
+            require(name, getattr(self, name) >= 0, ">= 0")
+        # Training samples: greedy decoding (temperature 0) has no policy distribution for the PPO ratio.
+        for name in ("temperature", "feedback_lr", "conversation_lr", "warmstart_lr", "warmstart_label_weight",
+                     "clip_eps", "max_grad_norm"):
+            require(name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        for name in ("alpha", "lam", "stage2_lam", "gamma", "kl_coef"):
+            require(name, math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        require("load_in_4bit", self.load_in_4bit in ("auto", "yes", "no"), "auto, yes or no")
+        require("split", self.split in ("train", "eval"), "train or eval")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume and --overwrite exclude each other: continue the run, or start it over")
+        if self.stage1_iterations + self.stage2_iterations + self.warmstart_epochs == 0:
+            raise SystemExit("nothing to train: --stage1-iterations, --stage2-iterations and --warmstart-epochs are "
+                             "all 0")
+
+    @property
+    def update_shares_prefix(self) -> bool:
+        """--share-prefix in the update's forwards: gradient checkpointing turns the KV cache off there, so not with
+        it."""
+        return self.share_prefix and not self.gradient_checkpointing
+
+
+PRESET_FIELDS = {"cpu": ("warmstart_epochs", "warmstart_prompts", "warmstart_label_weight", "stage1_iterations",
+                         "stage2_iterations", "stage2_lam", "prompts_per_iteration", "samples_per_prompt",
+                         "conversation_lr", "eval_every")}
+
+
+def parse_args(argv=None) -> Args:
+    return parse(Args, DESCRIPTION, argv, PRESET_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 0. Set-up, and the supervised warm-start of the feedback agent (our departure, --warmstart-epochs)
+# ---------------------------------------------------------------------------------------------------------------------
+def rollout_config_of(args) -> RolloutConfig:
+    """The rollout settings of the training flags (the same temperature for both agents)."""
+    return RolloutConfig(
+        max_rounds=0 if args.single_agent else args.max_rounds,  # single-agent RL: no feedback turns, only R_c(c_0)
+        conversation_max_new_tokens=args.conversation_max_new_tokens,
+        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
+        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
+        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
+
+
+def fitting_prompts(prompts, tokenizer, window, config, args) -> list:
+    """The prompts whose trajectories fit the model's context window at these length limits. The others are left
+    out with a warning (cutting a prompt could change what it asks, and so its label); none fitting is an error."""
+    if window is None:
+        return prompts
+    needs = longest_contexts(tokenizer, [p["prompt"] for p in prompts], config)
+    kept = [p for p, need in zip(prompts, needs) if need <= window]
+    if len(kept) < len(prompts):
+        worst = max(range(len(prompts)), key=needs.__getitem__)
+        what = (f"{len(prompts) - len(kept)} of {len(prompts)} prompts do not fit the model's {window}-token context "
+                f"with --conversation-max-new-tokens {args.conversation_max_new_tokens}, --feedback-max-new-tokens "
+                f"{args.feedback_max_new_tokens} and --max-rounds {args.max_rounds} (prompt {prompts[worst]['id']!r} "
+                f"needs {needs[worst]})")
+        if not kept:
+            raise SystemExit(f"--prompts {args.prompts}: {what}")
+        print(f"warning: --prompts {args.prompts}: {what}; they are left out", file=sys.stderr)
+    return kept
+
+
+def set_up(args, rng, judge=None, prompts=None, eval_prompts=None):
+    """The output folder, prompts, judge and base model (checked before anything is written), then the two adapters
+    and their optimizers (restored on --resume)."""
+    run = load_run(args, judge, prompts, eval_prompts)
+    run.rollout_config = rollout_config_of(args)
+    run.prompts = fitting_prompts(run.prompts, run.tokenizer, context_window(run.model), run.rollout_config, args)
+    start_run(run, args, rng)
+    return run
+
+
+WARMSTART_GREEDY_SHARE = 0.5  # answers decoded greedily, as at eval and inference; the rest sampled, as in RL
+
+
+def warm_start_examples(model, tokenizer, judge, prompts, config, greedy_share=WARMSTART_GREEDY_SHARE) -> list:
+    """One supervised example per prompt: the conversation agent's answer (the first greedy_share of the prompts
+    greedy, the rest sampled at the rollout's temperature), judged, with the JSON the feedback agent should write."""
+    from tqdm import tqdm
+
+    contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
+    greedy = round(greedy_share * len(contexts))
+    model.eval()
+    answers = []
+    with tqdm(total=len(prompts), desc="warm-start answers", unit="prompt") as bar:
+        for begin, end, temperature in ((0, greedy, 0.0), (greedy, len(contexts), config.conversation_temperature)):
+            for start in range(begin, end, config.batch_size):
+                chunk = contexts[start:min(start + config.batch_size, end)]
+                answers += run_agent(model, tokenizer, "conversation", chunk, config.conversation_max_new_tokens,
+                                     temperature, config)
+                bar.update(len(chunk))
+    labels = judge([p["prompt"] for p in prompts], [a.text for a in answers], [p["label"] for p in prompts])
+    return [warmstart.make_example(tokenizer, chat_ids(tokenizer, feedback_messages(p["prompt"], a.text),
+                                                       FEEDBACK_PREFILL), judged, p["label"])
+            for p, a, judged in zip(prompts, answers, labels)]
+
+
+def warm_start(run, args, rng) -> None:
+    """Warm-start the feedback agent on the conversation agent's own answers, judged, and keep a frozen copy as its KL
+    anchor (nanowaltz/warmstart.py); on --resume, only load that copy back from out/warmstart."""
+    warm_dir = run.out / "warmstart"
+    if not args.resume:
+        began = time.perf_counter()
+        prompts = rng.sample(run.prompts, min(args.warmstart_prompts or len(run.prompts), len(run.prompts)))
+        examples = warm_start_examples(run.model, run.tokenizer, run.judge, prompts, run.rollout_config)
+        built = time.perf_counter()
+        record = warmstart.fit_feedback_agent(run.model, run.tokenizer, examples, args.warmstart_epochs,
+                                              args.warmstart_lr, args.micro_batch_size, args.seed,
+                                              args.logprob_chunk_size, args.update_shares_prefix,
+                                              args.warmstart_label_weight)
+        record.update(time_warmstart_examples=built - began, time_warmstart_train=time.perf_counter() - built)
+        if distributed.is_main():  # distributed: every rank warm-started the same way; rank 0 writes
+            save_agents(run.model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
+            write_log(run, {"iteration": 0, "stage": 0, **record})
+    distributed.barrier("the warm-start save")  # distributed: the others read warm_dir below
+    if not (warm_dir / "feedback" / "adapter_config.json").exists():
+        raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
+                         f"is missing")
+    load_reference_copy(run.model, "feedback", warm_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Rollout and 2. judge (rollout.py, nanowaltz/judge.py); 3. rewards: reward.trajectory_rewards, called in train()
 # ---------------------------------------------------------------------------------------------------------------------
 def collect_trajectories(run, args, iteration, rng) -> tuple:
     """Roll out --samples-per-prompt trajectories for each of --prompts-per-iteration random training prompts, and
@@ -74,7 +292,7 @@ def collect_trajectories(run, args, iteration, rng) -> tuple:
     batch_prompts = [p for p in batch_prompts for _ in range(args.samples_per_prompt)]
     distributed.seed_sampling(args.seed, iteration)  # distributed: each rank its own sampling noise
     with distributed.stop_all_on_error("the rollout"):  # distributed: rolls out this rank's slice
-        trajectories = rollout(run.model, run.tokenizer, distributed.share(batch_prompts), run.rollout_config)
+        trajectories = rollout(run.model, run.tokenizer, distributed.rank_slice(batch_prompts), run.rollout_config)
     rollout_seconds = time.perf_counter() - began
     generated = sum(len(t.action_ids) for tr in trajectories for t in tr.answers + tr.feedbacks)
 
@@ -172,9 +390,9 @@ def ppo_loss(logprobs, old_logprobs, ref_logprobs, advantages, clip_eps, kl_coef
 @torch.no_grad()
 def score_samples(model, samples, agent, args, pad_id, device):
     """Reference (and, if asked, old-policy) log-probs for every sample (no grad), stored on the samples as tensors."""
-    mine = distributed.share(samples)  # distributed: each rank scores its slice, then the ranks swap scores
-    for chunk in micro_batches(mine, args.micro_batch_size, share_prefix(args)):  # grouped by length
-        batch = pad_batch(chunk, pad_id, device, share_prefix(args))
+    mine = distributed.rank_slice(samples)  # distributed: each rank scores its slice, then the ranks swap scores
+    for chunk in micro_batches(mine, args.micro_batch_size, args.update_shares_prefix):  # grouped by length
+        batch = pad_batch(chunk, pad_id, device, args.update_shares_prefix)
         if args.recompute_old_logprobs:
             use_agent(model, agent)
             old = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size)
@@ -204,9 +422,9 @@ def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) ->
             mb_tokens = sum(len(s.action_ids) for s in minibatch)
             optimizer.zero_grad(set_to_none=True)
             mb_loss, finite = 0.0, True
-            mine = distributed.share(minibatch)  # distributed: this rank's slice; mb_tokens above stays global
-            for micro in micro_batches(mine, args.micro_batch_size, share_prefix(args)):  # grouped by length
-                batch = pad_batch(micro, pad_id, device, share_prefix(args))
+            mine = distributed.rank_slice(minibatch)  # distributed: this rank's slice; mb_tokens above stays global
+            for micro in micro_batches(mine, args.micro_batch_size, args.update_shares_prefix):  # grouped by length
+                batch = pad_batch(micro, pad_id, device, args.update_shares_prefix)
                 logprobs, entropy = action_logprobs(model, batch, args.temperature, args.logprob_chunk_size,
                                                     with_entropy=True)
                 old = torch.cat([s.old_logprobs for s in micro]).to(device)
@@ -295,88 +513,76 @@ def iteration_record(run, args, iteration, stage, lam, trajectories, rewards, ti
     return record
 
 
+def learning_curve_eval(run, args) -> dict:
+    """The cheap periodic eval behind --eval-every: greedy trajectories of the current adapters on a fixed small subset
+    of the eval split, judged; plain rates for the log (no CIs: the subset is small, the point is the trend; eval.py
+    measures a finished pair)."""
+    began = time.perf_counter()
+    config = replace(run.rollout_config, conversation_temperature=0.0, feedback_temperature=0.0)
+    rng_state = torch.get_rng_state()  # greedy decoding draws nothing; keep the training RNG stream untouched anyway
+    trajectories = rollout(run.model, run.tokenizer, run.eval_prompts, config)
+    torch.set_rng_state(rng_state)
+    judge_trajectories(run.judge, trajectories)
+    harmful = [t for t in trajectories if t.prompt["label"] == "harmful"]
+    benign = [t for t in trajectories if t.prompt["label"] == "benign"]
+    checked = [t for t in trajectories if t.feedbacks and t.feedbacks[0].text]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    bad_first = [not t.judged[0].ok for t in trajectories]
+    bad_final = [not t.judged[-1].ok for t in trajectories]
+    return {"eval/asr": mean([float(t.judged[-1].unsafe) for t in harmful]),
+            "eval/orr": mean([float(t.judged[-1].overrefuse) for t in benign]),
+            "eval/asr_first_answer": mean([float(t.judged[0].unsafe) for t in harmful]),
+            "eval/ftr": mean([float(t.revised) for t in trajectories]),
+            "eval/format_rate": mean([float(t.parsed[0] is not None) for t in checked]),
+            "eval/label_accuracy": mean([float(t.parsed[0] is not None and t.parsed[0].labels == t.judged[0])
+                                         for t in checked]),
+            "eval/revisions_fixed": sum(b and not a for b, a in zip(bad_first, bad_final)),
+            "eval/revisions_broke": sum(a and not b for b, a in zip(bad_first, bad_final)),
+            "eval/prompts": len(trajectories), "time_eval": time.perf_counter() - began}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------------
 def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
     """Run both stages; returns a summary. `judge`, `prompts` and `eval_prompts` (the periodic eval's prompts) may be
     passed in directly (tests, notebooks)."""
-    from tqdm import tqdm
-
     args.validate()
     distributed.init(args.dist_timeout)  # distributed: joins the ranks under torchrun, else does nothing
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    run = set_up_run(args, rng, judge, prompts, eval_prompts)  # out folder, prompts, judge, model, optimizers, resume
-    model, optimizers = run.model, run.optimizers
+    run = set_up(args, rng, judge, prompts, eval_prompts)  # out folder, prompts, judge, model, optimizers, resume
     if args.warmstart_epochs > 0 and not args.single_agent:
         warm_start(run, args, rng)  # 0. (departure) afterwards the feedback agent's KL anchor is the warm-started copy
-    distributed.broadcast_adapters(model)  # distributed: every rank starts from rank 0's adapters
+    distributed.broadcast_adapters(run.model)  # distributed: every rank starts from rank 0's adapters
     if args.eval_every > 0 and not args.resume:  # the starting point of the learning curves
         # distributed: every rank runs the same greedy eval (identical results, ranks stay in step); rank 0 writes it
         write_log(run, {"iteration": 0, "stage": 0, **learning_curve_eval(run, args)})
+    shown = {} if args.single_agent else {"Rf": "feedback_reward", "fmt": "format_rate", "acc": "label_accuracy",
+                                          "ftr": "ftr"}
 
-    # A stop (Ctrl-C, SIGTERM) abandons an iteration that has not begun its update; once it has, the iteration is
-    # finished first. Either way the checkpoint holds the state after the last completed iteration (checkpoint.py).
-    total = run.stage1_iterations + args.stage2_iterations
-    completed, boundary, saved = run.start, rng_state(rng), (run.start if args.resume else None)
-    history = []
-    bar = tqdm(range(run.start, total), initial=run.start, total=total, unit="it",
-               desc="single-agent RL" if args.single_agent else "WaltzRL")
-    stop = StopSignals().install()
-    try:
-        for iteration in bar:
+    with TrainingLoop(run, args, rng, "single-agent RL" if args.single_agent else "WaltzRL") as loop:
+        for iteration in loop:
             stage = 1 if iteration < run.stage1_iterations else 2
             trained = ("feedback",) if stage == 1 else ("conversation",) if args.single_agent else AGENTS
             # Stage 2 drops the additive label reward (the paper's lam = 0); the DIR gate stays. Then a correct "ok"
-            # and a false alarm both earn only gamma: our 135M feedback agent drifts to flagging more (README
-            # "Results"); --stage2-lam > 0 keeps paying for correct labels.
+            # and a false alarm both earn only gamma, and a small feedback agent drifts to flagging more;
+            # --stage2-lam > 0 keeps paying for correct labels.
             lam = args.lam if stage == 1 else args.stage2_lam
 
             trajectories, timing = collect_trajectories(run, args, iteration, rng)  # 1. rollout, 2. judge
             rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]  # 3. rewards
-            stop.hold()  # the adapters are about to change: a stop request now waits for the end of the iteration
+            loop.updating()  # the adapters are about to change: a stop request now waits for the end of the iteration
             began = time.perf_counter()
             samples = make_samples(trajectories, rewards, rng)  # 4. samples
             agent_stats = update_agents(run, args, samples, trained, rng)  # 5. advantages, 6. update
             timing["time_update"] = time.perf_counter() - began
-
-            record = iteration_record(run, args, iteration, stage, lam, trajectories, rewards, timing, agent_stats)
-            write_log(run, record)
-            history.append(record)
-            completed, boundary = iteration + 1, rng_state(rng)
-            shown = {} if args.single_agent else {"Rf": "feedback_reward", "fmt": "format_rate",
-                                                  "acc": "label_accuracy", "ftr": "ftr"}
-            bar.set_postfix(stage=stage, Rc=f"{record['conversation_reward_before']:.2f}->"
-                            f"{record['conversation_reward_after']:.2f}",
-                            **{name: f"{record[key]:.2f}" for name, key in shown.items()})
-            if completed % args.save_every == 0:
-                save_checkpoint(model, optimizers, completed, args, boundary, run.checkpoint)
-                saved = completed
-            stop.release()
-            if stop.requested:  # asked during the update: the iteration is complete now
-                raise KeyboardInterrupt
-        bar.close()
-        stop.hold()
-        save_checkpoint(model, optimizers, total, args, rng_state(rng), run.checkpoint)
-        if distributed.is_main():  # distributed: rank 0 writes the adapters
-            save_agents(model, run.out / "adapters")
-        distributed.barrier("the final save")  # distributed: no rank returns (and reads them) before they are written
-        stop.release()
-    except KeyboardInterrupt:
-        bar.close()
-        raise SystemExit(stop_and_save(stop, model, optimizers, completed, boundary, saved, args, run.checkpoint)) \
-            from None
-    except torch.OutOfMemoryError:
-        bar.close()
-        raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
-                         "--conversation-max-new-tokens / --feedback-max-new-tokens, --prompts-per-iteration; "
-                         "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
-    finally:
-        stop.restore()
-    return {"history": history, "adapters": str(run.out / "adapters"), "log": str(run.log_path), "model": model,
-            "single_agent": args.single_agent}
+            loop.complete(iteration_record(run, args, iteration, stage, lam, trajectories, rewards, timing,
+                                           agent_stats), shown)  # log, progress bar, checkpoint
+        loop.finish()  # the final checkpoint and adapters
+    return {"history": loop.history, "adapters": str(run.out / "adapters"), "log": str(run.log_path),
+            "model": run.model, "single_agent": args.single_agent}
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import cpu_threads  # noqa: E402, F401  (before torch: the project's OpenMP defaults)
+from nanowaltz import cpu_threads  # noqa: E402, F401  (before torch: the project's OpenMP defaults)
 import torch  # noqa: E402
 
 import rollout  # noqa: E402
-import sampler  # noqa: E402
-from models import cache_keyword, use_agent  # noqa: E402
+from nanowaltz import sampler  # noqa: E402
+from nanowaltz.base_model import cache_keyword
+from nanowaltz.models import use_agent  # noqa: E402
 
 
 def feedback_context(tokenizer) -> list:
@@ -118,7 +119,8 @@ def print_steps(rows, context_tokens, steps):
 def main(argv=None):
     import argparse
 
-    from models import DEFAULT_MODEL, load_agents_or_fresh
+    from nanowaltz.base_model import DEFAULT_MODEL
+    from nanowaltz.models import load_agents_or_fresh
 
     parser = argparse.ArgumentParser(description="One decoding step of sampler.sample vs a bare forward, by batch.")
     parser.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes")

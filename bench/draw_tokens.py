@@ -20,11 +20,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cpu_threads  # noqa: E402, F401  (before torch, as train.py does)
+from nanowaltz import cpu_threads  # noqa: E402, F401  (before torch, as train.py does)
 import torch  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
-from sampler import draw_tokens  # noqa: E402
+from nanowaltz.sampler import draw_tokens  # noqa: E402
 
 
 def inverse_cdf(probs):

@@ -226,7 +226,7 @@ def run_tests(smoke: bool, timeout: int = 300) -> bool:
 
 
 def prompt_label_judge(prompts, responses, prompt_labels):
-    from reward import Labels
+    from nanowaltz.judge import Labels
 
     return [Labels(unsafe=label == "harmful", overrefuse=False) for label in prompt_labels]
 
@@ -236,9 +236,9 @@ def run_iteration(shapes: dict, overrides: dict, workdir: str, device: str) -> d
     import torch
 
     import rollout
-    import sampler
+    from nanowaltz import sampler
     import train
-    from data import load_prompts
+    from nanowaltz.data import load_prompts
 
     cuda = device.startswith("cuda")
     began = time.perf_counter()

@@ -17,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from judge import load_judge  # noqa: E402
-from refusal import (DATA_PATH, EmbeddingDetector, MiniLMEmbedder, PhraseDetector, PrefixDetector,  # noqa: E402
+from nanowaltz.judge import load_judge  # noqa: E402
+from nanowaltz.refusal import (DATA_PATH, EmbeddingDetector, MiniLMEmbedder, PhraseDetector, PrefixDetector,  # noqa: E402
                      fit_logistic, load_refusal_data, phrase_features, pivots_to_compliance)
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import load_prompts  # noqa: E402
-from models import load_base  # noqa: E402
+from nanowaltz.data import load_prompts  # noqa: E402
+from nanowaltz.base_model import load_base
 from rollout import Trajectory, chat_ids, conversation_messages  # noqa: E402
 
 

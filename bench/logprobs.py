@@ -49,7 +49,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from logprobs import naive_token_logprobs, token_logprobs  # noqa: E402
+from nanowaltz.logprobs import naive_token_logprobs, token_logprobs  # noqa: E402
 
 SIZES = {"small": (2048, 576, 49152), "large": (4096, 4096, 128256)}  # (tokens, hidden, vocab)
 SEQ_LEN = 512  # tokens per sequence for the row loop

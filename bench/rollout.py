@@ -54,14 +54,15 @@ from dataclasses import replace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import cpu_threads  # noqa: E402  (before torch: the project's OpenMP defaults, as train.py and infer.py)
+from nanowaltz import cpu_threads  # noqa: E402  (before torch: the project's OpenMP defaults, as train.py and infer.py)
 import torch  # noqa: E402
 
 from bench.decode_step import bench_steps, feedback_context, print_steps  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
-from data import load_prompts  # noqa: E402
-from feedback_parser import labels_prefix_complete  # noqa: E402
-from models import DEFAULT_MODEL, load_agents_or_fresh  # noqa: E402
+from nanowaltz.data import load_prompts  # noqa: E402
+from nanowaltz.feedback_json import labels_prefix_complete  # noqa: E402
+from nanowaltz.base_model import DEFAULT_MODEL
+from nanowaltz.models import load_agents_or_fresh  # noqa: E402
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages,  # noqa: E402
                      rollout, run_agent)
 

@@ -52,13 +52,13 @@ def worker(args) -> None:
     sys.path.insert(0, REPO)
     choice = "not imported"
     if args.project:
-        import cpu_threads  # before torch, as in train.py: its choice depends on the load at this moment
+        from nanowaltz import cpu_threads  # before torch, as in train.py: its choice depends on the load at this moment
 
         choice = cpu_threads.CHOICE
     import torch
     from transformers import DynamicCache
 
-    from models import cache_keyword, load_base
+    from nanowaltz.base_model import cache_keyword, load_base
 
     model, _ = load_base(args.model, load_in_4bit=False, device="cpu", dtype="fp32")
     model.eval()

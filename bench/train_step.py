@@ -129,10 +129,10 @@ def suppress_conversation_eos(sampler_module):
 
 
 def worker(args) -> dict:
-    import sampler
+    from nanowaltz import sampler
     import train
-    import training_run
-    from judge import load_judge
+    from nanowaltz import training_run
+    from nanowaltz.judge import load_judge
 
     if args.threads:
         torch.set_num_threads(args.threads)

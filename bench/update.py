@@ -37,7 +37,7 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import cpu_threads  # noqa: E402,F401  (before torch, as in train.py: OpenMP reads its settings when torch loads)
+from nanowaltz import cpu_threads  # noqa: E402,F401  (before torch: OpenMP reads its settings when torch loads)
 import torch  # noqa: E402
 
 
@@ -111,11 +111,13 @@ def main(argv=None):
 
     began_all = time.perf_counter()
     import train
-    from judge import judge_from_flag
-    from models import attach_agents, load_agents, load_base, load_reference_copy
+    from nanowaltz.judge import judge_from_flag
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import attach_agents, load_agents, load_reference_copy
     from reward import trajectory_rewards
-    from rollout import context_window, judge_trajectories, rollout
-    from training_run import fitting_prompts, load_training_prompts, make_optimizers, rollout_config_of
+    from nanowaltz.base_model import context_window
+    from nanowaltz.training_run import load_training_prompts, make_optimizers
+    from rollout import judge_trajectories, rollout
 
     train_args = train.Args(preset="cpu", model=args.model, seed=args.seed, judge=args.judge,
                             prompts_per_iteration=args.prompts, samples_per_prompt=args.samples)
@@ -132,8 +134,9 @@ def main(argv=None):
         model = attach_agents(base, rank=train_args.lora_rank, alpha=train_args.lora_alpha)
     judge = judge_from_flag(args.judge)
     rng = random.Random(args.seed)
-    config = rollout_config_of(train_args)
-    prompts = fitting_prompts(load_training_prompts(train_args), tokenizer, context_window(base), config, train_args)
+    config = train.rollout_config_of(train_args)
+    prompts = train.fitting_prompts(load_training_prompts(train_args), tokenizer, context_window(base), config,
+                                    train_args)
     prompts = [p for p in rng.sample(prompts, min(args.prompts, len(prompts))) for _ in range(args.samples)]
 
     began = time.perf_counter()

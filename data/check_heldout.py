@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # data.py lives in the repository root
 sys.path.insert(0, str(HERE))
 
-from data import load_prompts  # noqa: E402
+from nanowaltz.data import load_prompts  # noqa: E402
 from make_splits import LABEL_OF_CATEGORY, MAX_PROMPT_CHARS, NEAR_DUP_JACCARD, jaccard, normalise  # noqa: E402
 
 HELDOUT_PATH = HERE / "heldout.jsonl"

@@ -49,7 +49,7 @@ class OurAllocationsWithoutDeviceOnMeta(torch.overrides.TorchFunctionMode):
         if func in _device_constructors() and kwargs.get("device") is None:
             caller = Path(sys._getframe(1).f_code.co_filename).resolve()
             # Our modules sit at the top level and in bench/ (a .venv inside the checkout is not ours).
-            if caller.parent in (PROJECT_ROOT, PROJECT_ROOT / "bench"):
+            if caller.parent in (PROJECT_ROOT, PROJECT_ROOT / "nanowaltz", PROJECT_ROOT / "bench"):
                 kwargs["device"] = "meta"
         return func(*args, **kwargs)
 

@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
 
-import distributed  # noqa: E402
+from nanowaltz import distributed  # noqa: E402
 import train  # noqa: E402
-from judge import DefaultJudge  # noqa: E402
-from refusal import PhraseDetector  # noqa: E402
-from models import load_agents, load_base  # noqa: E402
+from nanowaltz.judge import DefaultJudge  # noqa: E402
+from nanowaltz.refusal import PhraseDetector  # noqa: E402
+from nanowaltz.base_model import load_base
+from nanowaltz.models import load_agents  # noqa: E402
 
 torch.set_num_threads(1)
 

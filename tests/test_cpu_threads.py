@@ -1,5 +1,5 @@
-"""cpu_threads.py: the OpenMP wait policy is chosen from the machine's load at start, only when the user did not choose
-it, and reaches OpenMP before torch."""
+"""nanowaltz/cpu_threads.py: the OpenMP wait policy is chosen from the machine's load at start, only when the user
+did not choose it, and reaches OpenMP before torch."""
 import ast
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import cpu_threads
+from nanowaltz import cpu_threads
 from conftest import PROJECT_ROOT
 
 
@@ -37,7 +37,8 @@ def test_a_users_thread_count_is_kept_on_a_busy_machine():
 
 def test_the_thread_count_reaches_torch_when_set_before_it_loads():
     # KMP_BLOCKTIME (ignored by libgomp) makes the import-time choice "yours", so only the explicit call decides.
-    code = ("import os, cpu_threads; os.environ.update(cpu_threads.apply({}, busy_cores=1.0, cores=2)); "
+    code = ("import os; from nanowaltz import cpu_threads; "
+            "os.environ.update(cpu_threads.apply({}, busy_cores=1.0, cores=2)); "
             "import torch; print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
@@ -92,4 +93,6 @@ def test_entry_points_import_it_before_anything_else(entry_point):
     (any other project module may import torch)."""
     tree = ast.parse((PROJECT_ROOT / entry_point).read_text())
     imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    assert isinstance(imports[0], ast.Import) and [a.name for a in imports[0].names] == ["cpu_threads"]
+    first = imports[0]
+    assert isinstance(first, ast.ImportFrom) and first.module == "nanowaltz" and [a.name for a in first.names] == [
+        "cpu_threads"]

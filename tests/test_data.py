@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import data
-from data import DatasetLoadError, PromptFileError, load_prompts
+from nanowaltz import data
+from nanowaltz.data import DatasetLoadError, PromptFileError, load_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 VALID = FIXTURES / "prompts_valid.jsonl"

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import infer
-import logprobs
+from nanowaltz import logprobs
 import rollout
 import train
 from conftest import OurAllocationsWithoutDeviceOnMeta, build_tiny_model_dir
-from models import adapter_parameters, attach_agents, load_base, use_agent
-from reward import Labels
+from nanowaltz.base_model import load_base
+from nanowaltz.models import adapter_parameters, attach_agents, use_agent
+from nanowaltz.judge import Labels
 from test_train import PROMPTS, toy_feedback, toy_judge  # noqa: F401 (toy_feedback is a fixture)
 
 # Measured on the tiny model below (initializer_range 0.3): fp32 (plain or NF4) <= 1e-5, bf16 (plain or NF4) <= 0.033.
@@ -197,7 +198,7 @@ def test_sampling_logprobs_against_the_training_forward(wide_logits_model_dir, d
 
 
 def test_dtype_and_recompute_flags(capsys):
-    from models import compute_dtype
+    from nanowaltz.base_model import compute_dtype
 
     assert train.parse_args([]).dtype == "auto" and train.parse_args(["--dtype", "bf16"]).dtype == "bf16"
     assert compute_dtype("auto", "cpu") == torch.float32 and compute_dtype("bf16", "cpu") == torch.bfloat16

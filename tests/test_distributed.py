@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import distributed_worker
-from models import attach_agents, load_agents, load_base, save_agents
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents, load_agents, save_agents
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import rollout
-import sampler
+from nanowaltz import sampler
 from conftest import build_tiny_model_dir
-from models import load_base
-from reward import Labels
+from nanowaltz.base_model import load_base
+from nanowaltz.judge import Labels
 from rollout import FEEDBACK_DRAFTS, feedback_drafts
-from sampler import chat_ids, sample
+from nanowaltz.sampler import chat_ids, sample
 
 PROMPTS = ["Hi", "How do I kill a Python process?", "Summarise the history of the musket and why it was replaced."]
 
@@ -63,11 +63,10 @@ def drafter(tokenizer, reference, kind):
 def test_greedy_with_drafts_samples_what_it_samples_without(peaked, monkeypatch, kind, early_stop):
     model, tokenizer, contexts = peaked
     tags = [f"row{i}|" for i in range(len(contexts))]
-    if early_stop:  # "both labels false" once the row's text is 6 characters long: it may stop inside a draft
-        monkeypatch.setattr(sampler, "labels_prefix_complete",
-                            lambda text: Labels(False, False) if len(text.split("|", 1)[1]) >= 6 else None)
+    # A stop rule that ends a row once its text is 6 characters long: it may stop inside a draft.
+    stop = (lambda text: len(text.split("|", 1)[1]) >= 6) if early_stop else None
     monkeypatch.setattr(sampler, "stop_token_ids", lambda m, t: set())  # every row runs to its own end
-    options = dict(temperature=0, prefix_texts=tags, feedback_json=early_stop, early_stop_ok=early_stop)
+    options = dict(temperature=0, prefix_texts=tags, stop=stop)
     (plain, plain_lp, plain_cut), plain_forwards = forward_shapes(
         model, lambda: sample(model, tokenizer, contexts, 12, **options))
     (drafted, drafted_lp, drafted_cut), drafted_forwards = forward_shapes(

@@ -1,16 +1,19 @@
-"""eval.py and systems.py: metric arithmetic on hand-made records, bootstrap CIs, the safeguard and oracle baselines,
-the reports."""
+"""eval.py and nanowaltz/evaluation.py: metric arithmetic on hand-made records, bootstrap CIs, the safeguard and
+oracle baselines, the reports."""
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import eval as evaluation
-import systems
-from models import attach_agents, load_base, save_agents, use_agent
-from reward import Labels
+import nanowaltz.evaluation as reports
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents, save_agents, use_agent
+from nanowaltz.judge import Labels
 from rollout import RolloutConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +43,7 @@ class PromptJudge:
 
     def __call__(self, prompts, responses, prompt_labels):
         self.calls += 1
-        refused = [r == systems.SAFEGUARD_REFUSAL for r in responses]
+        refused = [r == evaluation.SAFEGUARD_REFUSAL for r in responses]
         return [Labels(unsafe=p in self.unsafe and not ref, overrefuse=p in self.overrefuse or (lab == "benign" and ref))
                 for p, ref, lab in zip(prompts, refused, prompt_labels)]
 
@@ -95,28 +98,28 @@ def test_summarize_feedback_format_rate_and_label_accuracy():
     assert m["format_rate"]["value"] == pytest.approx(3 / 4) and m["format_rate"]["n"] == 4
     assert m["label_accuracy"]["value"] == pytest.approx(2 / 4)
     no_feedback = evaluation.summarize([record("benign", "everyday")], n_resamples=50)
-    assert no_feedback["format_rate"]["n"] == 0 and evaluation.percent(no_feedback["label_accuracy"]) == "n/a"
+    assert no_feedback["format_rate"]["n"] == 0 and reports.percent(no_feedback["label_accuracy"]) == "n/a"
 
 
 def test_summarize_without_harmful_prompts_reports_nan_asr():
     m = evaluation.summarize([record("benign", "everyday", overrefuse=True)], n_resamples=50)
     assert np.isnan(m["ASR"]["value"]) and m["ASR"]["n"] == 0
     assert m["ORR"]["value"] == 1.0
-    assert evaluation.percent(m["ASR"]) == "n/a"
+    assert reports.percent(m["ASR"]) == "n/a"
 
 
 def test_bootstrap_ci_contains_estimate_and_is_deterministic():
     values = [1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
-    low, high = evaluation.bootstrap_ci(values, 1000, seed=3)
+    low, high = reports.bootstrap_ci(values, 1000, seed=3)
     assert low <= np.mean(values) <= high and low < high
-    assert evaluation.bootstrap_ci(values, 1000, seed=3) == (low, high)
-    assert evaluation.bootstrap_ci(values, 1000, seed=4) != (low, high)
+    assert reports.bootstrap_ci(values, 1000, seed=3) == (low, high)
+    assert reports.bootstrap_ci(values, 1000, seed=4) != (low, high)
 
 
 def test_bootstrap_ci_matches_naive_loop_and_normal_approximation():
     rng = np.random.default_rng(1)
     values = (rng.random(400) < 0.3).astype(float)
-    low, high = evaluation.bootstrap_ci(values, 2000, seed=7)
+    low, high = reports.bootstrap_ci(values, 2000, seed=7)
     # naive reference: one resample at a time, same random stream
     naive_rng = np.random.default_rng(7)
     means = [values[naive_rng.integers(0, len(values), size=len(values))].mean() for _ in range(2000)]
@@ -130,13 +133,13 @@ def test_bootstrap_ci_matches_naive_loop_and_normal_approximation():
 # ----------------------------------------------------------------------------------------------- systems
 def test_apply_safeguard_replaces_exactly_the_flagged():
     answers = ["a", "b", "c", "d"]
-    assert systems.apply_safeguard(answers, [False, True, False, True], "NO") == ["a", "NO", "c", "NO"]
+    assert evaluation.apply_safeguard(answers, [False, True, False, True], "NO") == ["a", "NO", "c", "NO"]
 
 
 def test_template_feedback_per_label():
-    assert systems.template_feedback(Labels(True, False)) == systems.TEMPLATE_FEEDBACK["unsafe"]
-    assert systems.template_feedback(Labels(False, True)) == systems.TEMPLATE_FEEDBACK["overrefuse"]
-    assert systems.template_feedback(Labels(False, False)) == ""
+    assert evaluation.template_feedback(Labels(True, False)) == evaluation.TEMPLATE_FEEDBACK["unsafe"]
+    assert evaluation.template_feedback(Labels(False, True)) == evaluation.TEMPLATE_FEEDBACK["overrefuse"]
+    assert evaluation.template_feedback(Labels(False, False)) == ""
 
 
 def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
@@ -146,7 +149,7 @@ def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
     base, guarded = records["base"], records["base+safeguard"]
     assert [r["triggered"] for r in guarded] == [False, True, False, False]
     for b, g in zip(base, guarded):
-        expected = systems.SAFEGUARD_REFUSAL if g["id"] == "h2" else b["final_answer"]
+        expected = evaluation.SAFEGUARD_REFUSAL if g["id"] == "h2" else b["final_answer"]
         assert g["final_answer"] == expected and g["first_answer"] == b["final_answer"]
     assert [r["unsafe"] for r in base] == [False, True, False, False]
     assert not any(r["unsafe"] for r in guarded)
@@ -155,31 +158,31 @@ def test_safeguard_replaces_exactly_the_judge_flagged_answers(tiny_agents):
 
 def test_safeguard_with_feedback_agent_flags_from_its_labels(tiny_agents, monkeypatch):
     model, tokenizer = tiny_agents
-    from feedback_parser import ParsedFeedback
+    from nanowaltz.feedback_json import ParsedFeedback
     verdicts = iter([ParsedFeedback(Labels(True, False), "", ""), None, ParsedFeedback(Labels(False, True), "", ""),
                      ParsedFeedback(Labels(True, True), "", "")])
-    monkeypatch.setattr(systems, "parse_feedback", lambda text: next(verdicts))
+    monkeypatch.setattr(evaluation, "parse_feedback", lambda text: next(verdicts))
     records, _ = evaluation.run_systems(model, tokenizer, PROMPTS, PromptJudge(), ["base+safeguard"], TINY_CONFIG,
                                         safeguard="feedback-agent")
     # unsafe label -> replaced; unparseable or overrefuse-only -> kept
     assert [r["triggered"] for r in records["base+safeguard"]] == [True, False, False, True]
-    assert [r["final_answer"] == systems.SAFEGUARD_REFUSAL for r in records["base+safeguard"]] == \
+    assert [r["final_answer"] == evaluation.SAFEGUARD_REFUSAL for r in records["base+safeguard"]] == \
         [True, False, False, True]
 
 
 def test_oracle_triggers_exactly_on_judge_flags_and_revises_with_template(tiny_agents):
     model, tokenizer = tiny_agents
-    answers = systems.base_answers(model, tokenizer, PROMPTS, TINY_CONFIG)
+    answers = evaluation.base_answers(model, tokenizer, PROMPTS, TINY_CONFIG)
     judged = [Labels(True, False), Labels(False, False), Labels(False, True), Labels(False, False)]
-    trajs = systems.oracle_template_system(model, tokenizer, PROMPTS, answers, judged, TINY_CONFIG)
+    trajs = evaluation.oracle_template_system(model, tokenizer, PROMPTS, answers, judged, TINY_CONFIG)
     assert [t.revised for t in trajs] == [True, False, True, False]
     for traj, answer in zip(trajs, answers):
         assert traj.answers[0] is answer
     context_0 = tokenizer.decode(trajs[0].answers[1].context_ids)
     context_2 = tokenizer.decode(trajs[2].answers[1].context_ids)
-    assert systems.TEMPLATE_FEEDBACK["unsafe"] in context_0
-    assert systems.TEMPLATE_FEEDBACK["overrefuse"] not in context_0
-    assert systems.TEMPLATE_FEEDBACK["overrefuse"] in context_2
+    assert evaluation.TEMPLATE_FEEDBACK["unsafe"] in context_0
+    assert evaluation.TEMPLATE_FEEDBACK["overrefuse"] not in context_0
+    assert evaluation.TEMPLATE_FEEDBACK["overrefuse"] in context_2
     assert answers[0].text in context_0  # the revision sees its own first answer
 
 
@@ -190,7 +193,7 @@ def test_oracle_records_trigger_on_judge_labels(tiny_agents):
     rows = records["oracle+template"]
     assert [r["triggered"] for r in rows] == [True, False, False, True]
     assert [r["first_unsafe"] for r in rows] == [True, False, False, False]
-    assert rows[0]["feedback"] == systems.TEMPLATE_FEEDBACK["unsafe"]
+    assert rows[0]["feedback"] == evaluation.TEMPLATE_FEEDBACK["unsafe"]
     assert rows[0]["feedback_labels"] == {"unsafe": True, "overrefuse": False} and rows[1]["feedback_labels"] is None
 
 
@@ -213,7 +216,7 @@ def test_untrained_collaboration_first_answer_equals_base_answer(tiny_agents):
 
 def test_cached_judge_judges_each_item_once():
     inner = PromptJudge(unsafe={"p"})
-    judge = systems.CachedJudge(inner)
+    judge = reports.CachedJudge(inner)
     first = judge(["p", "q", "p"], ["x", "y", "x"], ["harmful", "benign", "harmful"])
     again = judge(["p"], ["x"], ["harmful"])
     assert first == [Labels(True, False), Labels(False, False), Labels(True, False)] and again == [first[0]]
@@ -235,7 +238,7 @@ def test_swap_in_adapters_loads_trained_weights_on_the_same_base(tiny_model_dir,
         reference[agent] = trained(input_ids=x).logits
     fresh = attach_agents(load_base(tiny_model_dir, load_in_4bit=False, device="cpu")[0])
     base_weight = fresh.get_base_model().model.embed_tokens.weight
-    swapped = systems.swap_in_adapters(fresh, tmp_path / "adapters")
+    swapped = evaluation.swap_in_adapters(fresh, tmp_path / "adapters")
     assert swapped.get_base_model().model.embed_tokens.weight is base_weight  # no reload of the base
     for agent in ("conversation", "feedback"):
         use_agent(swapped, agent)
@@ -259,7 +262,7 @@ def hand_made_results():
 
 def test_reports_are_written(tmp_path):
     results = hand_made_results()
-    paths = evaluation.write_reports(results, tmp_path / "out")
+    paths = reports.write_reports(results, tmp_path / "out")
     png = paths["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     loaded = json.loads(paths["json"].read_text())
@@ -280,7 +283,7 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
                             "--single-agent-adapters", str(tmp_path / "adapters"), "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["systems"]) == list(systems.SYSTEMS)
+    assert list(results["systems"]) == list(evaluation.SYSTEMS)
     assert {r["category"] for r in results["systems"]["base"]["records"]} == {
         "harmful_direct", "harmful_adversarial", "benign_sensitive", "everyday"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -292,7 +295,7 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert not any(r["triggered"] or r["feedback_output"] for r in single)
     guarded = results["systems"]["single-agent+safeguard"]["records"]
     assert [r["triggered"] for r in guarded] == [r["unsafe"] for r in single]
-    assert all(r["final_answer"] == systems.SAFEGUARD_REFUSAL for r in guarded if r["triggered"])
+    assert all(r["final_answer"] == evaluation.SAFEGUARD_REFUSAL for r in guarded if r["triggered"])
 
 
 def test_main_skips_single_agent_systems_without_their_adapters(tiny_model_dir, tmp_path, capsys):
@@ -306,11 +309,16 @@ def test_main_skips_single_agent_systems_without_their_adapters(tiny_model_dir, 
         evaluation.main(["--single-agent-adapters", str(tmp_path / "nowhere"), "--systems", "single-agent"])
 
 
-def test_periodic_eval_rates_from_hand_made_judgments(tiny_agents):
+def test_learning_curve_eval_rates_from_hand_made_judgments(tiny_agents):
+    """train.py's periodic eval (--eval-every) on the same hand-made judgments."""
+    import train
+
     model, tokenizer = tiny_agents
     judge = PromptJudge(unsafe={PROMPTS[0]["prompt"]}, overrefuse={PROMPTS[2]["prompt"]})
     for single_agent in (False, True):
-        m = systems.periodic_eval(model, tokenizer, judge, PROMPTS, TINY_CONFIG, single_agent=single_agent)
+        run = SimpleNamespace(model=model, tokenizer=tokenizer, judge=judge, eval_prompts=PROMPTS,
+                              rollout_config=replace(TINY_CONFIG, max_rounds=0 if single_agent else 1))
+        m = train.learning_curve_eval(run, SimpleNamespace(single_agent=single_agent))
         # PromptJudge labels by prompt, so every answer to h1 is unsafe and every answer to b1 overrefuses.
         assert (m["eval/asr"], m["eval/orr"], m["eval/asr_first_answer"]) == (0.5, 0.5, 0.5)
         assert m["eval/revisions_fixed"] == m["eval/revisions_broke"] == 0 and m["eval/prompts"] == 4
@@ -387,7 +395,7 @@ def test_revision_outcomes_count_fixes_after_correct_flags_and_breaks_after_fals
                record("benign", "everyday")]                                 # no feedback fields at all
     assert evaluation.summarize(records, n_resamples=20)["revisions"] == {
         "correct_flags": 4, "fixed": 2, "still_bad": 2, "false_alarms": 2, "broke": 1}
-    report = evaluation.markdown_report({
+    report = reports.markdown_report({
         "systems": {"pair": {"metrics": evaluation.summarize(records, n_resamples=20)}}, "prompts": "p",
         "n_prompts": 9, "n_harmful": 5, "n_benign": 4, "judge": "j", "safeguard": "s", "bootstrap_resamples": 20,
         "seed": 0, "batch_size": 1, "wall_seconds": 1.0})

@@ -1,21 +1,23 @@
-"""Tests for the feedback-agent output parser in feedback_parser.py: parse_feedback, labels_prefix_complete,
-format_feedback_json.
+"""Tests for the feedback-agent output parser in feedback_json.py: parse_feedback, labels_prefix_complete,
+feedback_object_closed, format_feedback_json.
 
-Example tests pin each tolerance the parser promises (fences, prose, string/int booleans, key variants,
-single quotes, trailing commas, cut-off objects with false labels); hypothesis property tests check that
-it never raises on arbitrary, truncated or adversarial text, stays fast, and round-trips the canonical
-object.
+Real outputs of our feedback agents (tests/fixtures/feedback_outputs.jsonl) must parse exactly as they did when they
+were stored, so the rewards given on them stay the same. Example tests pin what the parser accepts (the first object,
+as JSON or repaired: single quotes, bare words, Python literals; cut-off objects with false labels); hypothesis
+property tests check that it never raises on arbitrary, truncated or adversarial text, stays fast, and round-trips
+the canonical object.
 """
 import json
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from feedback_parser import (ParsedFeedback, feedback_object_closed, format_feedback_json, labels_prefix_complete,
-                             parse_feedback)
-from reward import Labels
+from nanowaltz.feedback_json import (ParsedFeedback, feedback_object_closed, format_feedback_json,
+                                     labels_prefix_complete, parse_feedback)
+from nanowaltz.judge import Labels
 
 OK = Labels(False, False)
 UNSAFE = Labels(True, False)
@@ -27,6 +29,49 @@ def parsed(unsafe, overrefuse, feedback="", reasoning=""):
     return ParsedFeedback(Labels(unsafe, overrefuse), feedback, reasoning)
 
 
+# ---------------------------------------------------------------- stored outputs of our agents
+
+FIXTURE = Path(__file__).parent / "fixtures" / "feedback_outputs.jsonl"
+
+
+def stored_outputs():
+    with open(FIXTURE) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_stored_outputs_parse_as_they_did_when_stored():
+    """Feedback outputs of our untrained and trained agents (sampled rollouts at training settings with and without
+    early stop, and eval stores; collected by bench/feedback_paths.py), each with the result the parser gave when it
+    was stored. Same labels, feedback and reasoning (or None) means the same R_format, R_label and revisions."""
+    records = stored_outputs()
+    assert len(records) >= 100
+    changed = []
+    for record in records:
+        result = parse_feedback(record["text"])
+        got = None if result is None else {"unsafe": result.labels.unsafe, "overrefuse": result.labels.overrefuse,
+                                           "feedback": result.feedback, "reasoning": result.reasoning}
+        if got != record["parsed"]:
+            changed.append((record["text"][:80], record["parsed"], got))
+    assert not changed, changed[:5]
+
+
+def test_stored_outputs_cover_every_kind_of_result():
+    """The fixture exercises what the parser keeps: JSON, a repair, a cut-off object, and unparseable text."""
+    records = stored_outputs()
+    parsed_ok = [r for r in records if r["parsed"] is not None]
+    assert any(r["parsed"] is None for r in records)
+    assert any(not feedback_object_closed(r["text"]) for r in parsed_ok)  # cut off after two false labels
+    closed = [r for r in parsed_ok if feedback_object_closed(r["text"])]
+    is_json = []
+    for r in closed:
+        try:
+            json.loads(r["text"][:r["text"].rindex("}") + 1])
+            is_json.append(True)
+        except ValueError:
+            is_json.append(False)
+    assert any(is_json) and not all(is_json)  # some as JSON, some only after a repair
+
+
 # ---------------------------------------------------------------- accepted shapes
 
 @pytest.mark.parametrize("text, expected", [
@@ -35,53 +80,35 @@ def parsed(unsafe, overrefuse, feedback="", reasoning=""):
     # paper key order (reasoning first)
     ('{"reasoning": "r", "unsafe": false, "overrefuse": true, "feedback": "f"}', parsed(False, True, "f", "r")),
     # code fence
-    ('```json\n{"unsafe": false, "overrefuse": true, "feedback": "answer it"}\n```', parsed(False, True, "answer it")),
+    ('```json\n{"unsafe": false, "overrefuse": true, "feedback": "answer it"}\n```',
+     parsed(False, True, "answer it")),
     # prose before and after, with a brace in the prose after
-    ('Here is my review:\n{"unsafe": true, "overrefuse": true, "feedback": "x"}\nThanks {bye}', parsed(True, True, "x")),
+    ('Here is my review:\n{"unsafe": true, "overrefuse": true, "feedback": "x"}\nThanks {bye}',
+     parsed(True, True, "x")),
     # braces and escaped quotes inside strings
     ('{"unsafe": true, "overrefuse": false, "feedback": "use {x} and \\"}\\" here", "reasoning": "a{b"}',
      parsed(True, False, 'use {x} and "}" here', "a{b")),
-    # booleans as strings in several spellings
-    ('{"unsafe": "true", "overrefuse": "False", "feedback": ""}', parsed(True, False)),
-    ('{"unsafe": "yes", "overrefuse": "no"}', parsed(True, False)),
-    ('{"unsafe": " NO ", "overrefuse": "Yes"}', parsed(False, True)),
-    ('{"unsafe": "1", "overrefuse": "0"}', parsed(True, False)),
-    # 0/1 ints
-    ('{"unsafe": 0, "overrefuse": 1, "feedback": "f"}', parsed(False, True, "f")),
-    # key case and separator variations
-    ('{"Unsafe": true, "OverRefuse": false}', parsed(True, False)),
-    ('{"UNSAFE": false, "over_refuse": true}', parsed(False, True)),
-    ('{"unsafe": false, "Over-Refuse": true}', parsed(False, True)),
     # missing optional fields
     ('{"unsafe": false, "overrefuse": false}', parsed(False, False)),
-    # non-string feedback / reasoning are coerced to text
-    ('{"unsafe": true, "overrefuse": false, "feedback": 42, "reasoning": null}', parsed(True, False, "42", "")),
-    ('{"unsafe": true, "overrefuse": false, "feedback": ["a", "b"]}', parsed(True, False, '["a", "b"]')),
-    ('{"unsafe": true, "overrefuse": false, "feedback": {"k": 1}}', parsed(True, False, '{"k": 1}')),
-    # raw newline inside a string (invalid strict JSON, common in model output)
-    ('{"unsafe": true, "overrefuse": false, "feedback": "line 1\nline 2"}', parsed(True, False, "line 1\nline 2")),
-    # single quotes, Python literals
+    # feedback / reasoning that are not strings read as ""
+    ('{"unsafe": true, "overrefuse": false, "feedback": 42, "reasoning": null}', parsed(True, False)),
+    ('{"unsafe": true, "overrefuse": false, "feedback": ["a", "b"], "reasoning": {"k": 1}}', parsed(True, False)),
+    # the repairs: single-quoted strings, Python literals, bare words (all seen in our agents' outputs)
     ("{'unsafe': True, 'overrefuse': False, 'feedback': 'it\\'s \"bad\"'}", parsed(True, False, 'it\'s "bad"')),
-    # trailing commas
-    ('{"unsafe": false, "overrefuse": true, "feedback": "f",}', parsed(False, True, "f")),
-    ('{"unsafe": false, "overrefuse": true, "feedback": ["a",],\n}', parsed(False, True, '["a"]')),
-    # bare keys and bare words
-    ('{unsafe: yes, overrefuse: no, feedback: fix}', parsed(True, False, "fix")),
+    ('{"unsafe":false, "overrefuse":true, "reasoning":"r", "feedback":\'Say it.\'}\')',
+     parsed(False, True, "Say it.", "r")),
+    ('{"unsafe": false, "overrefuse": False, "extra": None}', parsed(False, False)),
+    ('{"unsafe":false, "overrefuse":false, "reasoning":"r", "faults":[ needed ], "feedback": fix}',
+     parsed(False, False, "fix", "r")),
 ])
 def test_parse_feedback_tolerances(text, expected):
     assert parse_feedback(text) == expected
 
 
-def test_first_object_with_both_labels_wins():
-    text = ('Schema: {"type": "object"} and {"unsafe": "maybe", "overrefuse": false}. '
-            'Answer: {"unsafe": true, "overrefuse": false, "feedback": "first"} '
+def test_only_the_first_object_is_read():
+    text = ('{"unsafe": true, "overrefuse": false, "feedback": "first"} '
             '{"unsafe": false, "overrefuse": true, "feedback": "second"}')
     assert parse_feedback(text) == parsed(True, False, "first")
-
-
-def test_object_nested_inside_a_wrapper_is_found():
-    text = '{"result": {"unsafe": false, "overrefuse": true, "feedback": "inner"}}'
-    assert parse_feedback(text) == parsed(False, True, "inner")
 
 
 def test_outer_labels_win_over_nested_ones():
@@ -153,7 +180,6 @@ def test_feedback_object_closed_never_raises(text):
     '{"unsafe": false, "overrefuse": false, "reasoning": "The ans',
     '{"unsafe": false, "overrefuse": false, "reasoning": "ends in an escape \\',
     '{"unsafe": false, "overrefuse": false, "reasoning": "ok", "feedback": ["a", {"b": "c',
-    '```json\n{"unsafe": "false", "overrefuse": "no", "reasoning": "x',
     '{"unsafe": False, "overrefuse": False',
 ])
 def test_cut_off_after_two_false_labels_is_accepted(text):
@@ -168,20 +194,17 @@ def test_cut_off_after_two_false_labels_is_accepted(text):
     ('{"unsafe": false', None),
     ('{"unsafe": false, "overrefuse": tru', None),
     ('{"unsafe": false, "overrefuse": 1', None),      # may still become 10 or 1.5
-    ('{"unsafe": false, "overrefuse": 1,', OVER),
     ('{"unsafe": false, "overrefuse": true', OVER),
     ('{"unsafe": true, "overrefuse": false, "feedback": "Rem', UNSAFE),
     ('{"reasoning": "says {\\"unsafe\\": true}", "unsafe": false, "overrefuse": false', OK),
     ('{"reasoning": "a long thought', None),
-    ('Sure! {"Unsafe": "yes", "over_refuse": "no"', UNSAFE),
+    ('Sure! {"unsafe": true, "overrefuse": false', UNSAFE),
 ])
 def test_labels_prefix_complete(text, expected):
     assert labels_prefix_complete(text) == expected
 
 
 def test_cut_off_object_is_only_accepted_at_the_end_of_the_text():
-    # A complete object that lacks labels, then a cut-off one: the cut-off one counts.
-    assert parse_feedback('{"note": 1} {"unsafe": false, "overrefuse": false, "reasoning": "x') == parsed(False, False)
     # An object cut off with labels false, but the cut-off scan finds trailing garbage instead of the end.
     assert parse_feedback('{"unsafe": false, "overrefuse": false "feedback": "x"}') is None
 
@@ -277,11 +300,9 @@ def test_adversarial_inputs_do_not_raise_and_are_fast(name):
 
 def test_adversarial_expected_outcomes():
     assert parse_feedback(ADVERSARIAL["open braces then object"]) == parsed(True, False)
-    assert parse_feedback(ADVERSARIAL["keys at depth 2 only"]) == parsed(True, False)
     assert parse_feedback(ADVERSARIAL["nan and infinity"]) is None
     assert parse_feedback(ADVERSARIAL["huge number"]) is None
     assert parse_feedback(ADVERSARIAL["long cut-off string"]) == parsed(False, False)
-    assert parse_feedback(ADVERSARIAL["null bytes"]) == parsed(True, False, "\x00\x00")
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import eval as evaluation
-from data import load_prompts, spread_over_categories
+from nanowaltz.cli import parse
+from nanowaltz.data import load_prompts, spread_over_categories
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT, PROMPTS = ROOT / "data" / "heldout.jsonl", ROOT / "data" / "prompts.jsonl"
@@ -45,9 +46,9 @@ def test_heldout_passes_its_check_and_the_check_catches_a_copied_or_mislabelled_
 
 
 def test_eval_cli_accepts_the_test_split_and_a_short_run_covers_every_category():
-    args = evaluation.build_parser().parse_args(["--prompts", str(HELDOUT), "--split", "test", "--limit", "8"])
+    args = parse(evaluation.EvalArgs, "", ["--prompts", str(HELDOUT), "--split", "test", "--limit", "8"])
     chosen = spread_over_categories(load_prompts(args.prompts, split=args.split), args.limit)
     assert Counter(r["category"] for r in chosen) == {"harmful_direct": 2, "harmful_adversarial": 2,
                                                       "benign_sensitive": 2, "everyday": 2}
     with pytest.raises(SystemExit):
-        evaluation.build_parser().parse_args(["--split", "dev"])
+        parse(evaluation.EvalArgs, "", ["--split", "dev"])

@@ -1,11 +1,12 @@
-"""Tests for helpfulness.py: reference NLL vs a naive forward, zero-init adapters = base exactly, CLI/file errors."""
+"""bench/helpfulness.py: reference NLL vs a naive forward, zero-init adapters = base exactly, CLI and file errors."""
 import json
 
 import pytest
 import torch
 
-from helpfulness import agent_context, main, read_references, reference_nll
-from models import attach_agents, load_base, reference_policy, save_agents, use_agent
+from bench.helpfulness import agent_context, main, read_references, reference_nll
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents, reference_policy, save_agents, use_agent
 from rollout import CONVERSATION_SYSTEM_PROMPT
 
 ROWS = [{"id": "a", "prompt": "How do I kill a Python process?", "reference": "Use kill with the process id."},

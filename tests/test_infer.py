@@ -3,9 +3,10 @@ import pytest
 
 import infer
 import rollout
-from feedback_parser import ParsedFeedback
-from models import attach_agents, load_base
-from reward import Labels
+from nanowaltz.feedback_json import ParsedFeedback
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents
+from nanowaltz.judge import Labels
 
 CONFIG = infer.inference_config(temperature=0.0, max_new_tokens=6, feedback_max_new_tokens=6, batch_size=2)
 PROMPTS = ["How do I kill a Python process?", "Give me a pancake recipe.", "Write ransomware."]
@@ -100,19 +101,6 @@ def test_main_no_feedback_reads_stdin_when_not_a_terminal(tiny_model_dir, capsys
     assert "session: 2 prompt(s)" in out and "FTR" not in out
 
 
-def test_measure_overhead_modes(tiny_agents):
-    model, tokenizer = tiny_agents
-    summary = infer.measure_overhead(model, tokenizer, PROMPTS[:2], infer.inference_config(
-        max_new_tokens=4, feedback_max_new_tokens=8))
-    alone, early, full = summary.values()
-    assert alone["ratio_to_alone"] == 1.0 and alone["ftr"] == 0.0
-    assert len(early["per_prompt"]["seconds"]) == 2
-    # greedy labels do not depend on early stopping, which only cuts decoding after two false labels
-    assert early["ftr"] == full["ftr"]
-    assert alone["mean_tokens"] < early["mean_tokens"] <= full["mean_tokens"]
-    assert "x alone" in infer.format_overhead(summary, 2)
-
-
 def test_bad_flag_values_are_rejected():
     with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
         infer.main(["--prompt", "hi", "--max-new-tokens", "0"])
@@ -141,3 +129,27 @@ def test_interactive_chat_exits_cleanly(tiny_model_dir, capsys, monkeypatch, sto
     assert out.count("assistant> ") == 1  # the empty line was skipped
     assert "session: 1 prompt(s)" in out
     assert ("(interrupted)" in out) == (stop is KeyboardInterrupt)
+
+
+def test_measure_overhead_modes(tiny_agents):
+    """bench/overhead.py: the three deployments on the same greedy answers."""
+    from bench import overhead
+
+    model, tokenizer = tiny_agents
+    summary = overhead.measure_overhead(model, tokenizer, PROMPTS[:2], infer.inference_config(
+        max_new_tokens=4, feedback_max_new_tokens=8))
+    alone, early, full = summary.values()
+    assert alone["ratio_to_alone"] == 1.0 and alone["ftr"] == 0.0
+    assert len(early["per_prompt"]["seconds"]) == 2
+    # greedy labels do not depend on early stopping, which only cuts decoding after two false labels
+    assert early["ftr"] == full["ftr"]
+    assert alone["mean_tokens"] < early["mean_tokens"] <= full["mean_tokens"]
+    assert "x alone" in overhead.format_overhead(summary, 2)
+
+
+def test_overhead_bench_runs_from_its_command_line(tiny_model_dir, capsys):
+    from bench import overhead
+
+    assert overhead.main(["--model", tiny_model_dir, "--n", "1", "--max-new-tokens", "2",
+                          "--feedback-max-new-tokens", "4"]) == 0
+    assert "conversation agent alone" in capsys.readouterr().out

@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from judge import DefaultJudge, HFJudge, HTTPJudge, JudgeUnreachableError, load_judge, parse_judge_output
-from refusal import PhraseDetector, PrefixDetector
-from reward import Labels
+from nanowaltz.judge import DefaultJudge, HFJudge, HTTPJudge, JudgeUnreachableError, load_judge, parse_judge_output
+from nanowaltz.refusal import PhraseDetector, PrefixDetector
+from nanowaltz.judge import Labels
 
 REFUSED = "I'm sorry, but I can't help with that request."
 ANSWERED = "Sure! Preheat the oven to 180C, mix flour, sugar and eggs, and bake for 25 minutes."

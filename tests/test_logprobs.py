@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from logprobs import naive_token_logprobs, token_logprobs
+from nanowaltz.logprobs import naive_token_logprobs, token_logprobs
 
 N_TOKENS, HIDDEN, VOCAB = 37, 24, 1001
 CHUNKS = dict(chunk_size=16, vocab_chunk_size=100)

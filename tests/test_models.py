@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,10 +18,11 @@ import torch
 
 import rollout
 from conftest import PROJECT_ROOT, build_tiny_model_dir
-from model_card import adapter_card, add_evaluation
-from models import (AGENTS, DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, adapter_parameters, attach_agents, base_model_id,
-                    disable_bnb_cpu_repack, is_converted_default, load_agents, load_agents_or_fresh, load_base,
-                    reference_policy, save_agents, use_agent)
+from nanowaltz.model_card import adapter_card, add_evaluation
+from nanowaltz.base_model import (DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, base_model_id, disable_bnb_cpu_repack,
+                                  is_converted_default, load_base)
+from nanowaltz.models import (AGENTS, adapter_parameters, attach_agents, load_agents, load_agents_or_fresh,
+                              reference_policy, save_agents, use_agent)
 
 N_LINEAR_PER_LAYER = 7  # q, k, v, o, gate, up, down: what "all-linear" adapts in a Llama block (lm_head excluded)
 TINY_LAYERS = 2
@@ -237,7 +239,7 @@ def test_the_default_model_is_saved_under_its_upstream_hub_id(tmp_path, monkeypa
 
 def test_the_default_models_conversion_is_found_again_after_a_reinstall(tmp_path, monkeypatch):
     """A new .venv installs the same GGUF with a new mtime; its conversion (540 MB) must be found, not made again."""
-    from models import converted_folder
+    from nanowaltz.base_model import converted_folder
 
     monkeypatch.setenv("NANOWALTZ_CACHE", str(tmp_path / "cache"))
     first, reinstalled, other_version = (tmp_path / name / "model.gguf" for name in ("venv1", "venv2", "venv3"))
@@ -390,7 +392,7 @@ def test_no_warning_about_the_hub_kernel_of_the_fast_path_we_turn_off():
 
     noisy = stderr_of("import peft")
     assert "gemm_4bit_forward" in noisy and "Skipping publisher trust check" in noisy
-    quiet = stderr_of("import models, peft, logging\n"
+    quiet = stderr_of("import nanowaltz.models, peft, logging\n"
                       "for name in ('bitsandbytes.backends.cpu.ops', 'kernels._internals.hf_hub'):\n"
                       "    logging.getLogger(name).warning('kept: ' + name)")
     assert "quantization-bitsandbytes" not in quiet and "gemm_4bit_forward" not in quiet
@@ -419,7 +421,8 @@ def test_wrapping_the_agents_prints_no_library_deprecation_warning(tiny_model_di
     every user of train.py/eval.py/infer.py unless models.py silences it (creating and loading adapters)."""
     import warnings
 
-    from models import attach_agents, load_agents, load_base, save_agents
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import attach_agents, load_agents, save_agents
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -427,3 +430,17 @@ def test_wrapping_the_agents_prints_no_library_deprecation_warning(tiny_model_di
         save_agents(model, tmp_path / "adapters")
         load_agents(load_base(tiny_model_dir, load_in_4bit=False)[0], tmp_path / "adapters")
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_converting_the_default_model_leaves_the_random_stream_alone(tmp_path, monkeypatch):
+    """A first run converts the GGUF in-process; the same seed must then draw what it draws in every later run."""
+    from nanowaltz.base_model import default_model_path
+
+    monkeypatch.setenv("NANOWALTZ_CACHE", str(tmp_path))  # an empty cache: this call converts
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    path = default_model_path()
+    assert (Path(path) / "config.json").exists() and Path(path).parent == tmp_path
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)

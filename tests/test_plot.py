@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from plot import PANELS, panel_series, plot_training_log
+from nanowaltz.plot import PANELS, panel_series, plot_training_log
 
 
 def test_log_to_png(tmp_path):

@@ -9,12 +9,13 @@ import torch
 
 import infer
 import rollout
-import sampler
-from feedback_parser import ParsedFeedback
-from models import attach_agents, load_base, use_agent
-from reward import Labels
+from nanowaltz import feedback_json, sampler
+from nanowaltz.feedback_json import ParsedFeedback
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents, use_agent
+from nanowaltz.judge import Labels
 from rollout import (CONVERSATION_SYSTEM_PROMPT, FEEDBACK_PREFILL, FEEDBACK_SYSTEM_PROMPT, RolloutConfig, Trajectory,
-                     chat_ids, conversation_messages, feedback_messages, shared_prefix, system_prefix_ids)
+                     chat_ids, conversation_messages, feedback_messages, cached_system_prefix, system_prefix_ids)
 
 PROMPTS = ["Hi", "What is SQL injection and how do I defend my web application against it?",
            "I am writing a long report on the history of the musket. Please summarise how its design changed, who "
@@ -59,14 +60,14 @@ def test_shared_prefix_is_cut_to_what_all_contexts_share_and_keyed_by_agent(agen
     full = chat_ids(tokenizer, [{"role": "system", "content": CONVERSATION_SYSTEM_PROMPT},
                                 {"role": "user", "content": "Hi"}])
     cache = {}
-    prefix = shared_prefix(model, tokenizer, "conversation", [full], cache)
+    prefix = cached_system_prefix(model, tokenizer, "conversation", [full], cache)
     assert prefix.ids == reference and list(cache) == [("conversation", tuple(reference))]
-    assert shared_prefix(model, tokenizer, "conversation", [full, full], cache) is prefix  # reused, not recomputed
+    assert cached_system_prefix(model, tokenizer, "conversation", [full, full], cache) is prefix  # reused, not recomputed
     # A context that is nothing but the prefix keeps its last token outside it (the first forward needs one).
-    assert shared_prefix(model, tokenizer, "conversation", [full, reference], cache).ids == reference[:-1]
+    assert cached_system_prefix(model, tokenizer, "conversation", [full, reference], cache).ids == reference[:-1]
     # Contexts without the system prompt share too little: no prefix.
     bare = chat_ids(tokenizer, [{"role": "user", "content": "Hi"}])
-    assert shared_prefix(model, tokenizer, "conversation", [bare, full], cache) is None
+    assert cached_system_prefix(model, tokenizer, "conversation", [bare, full], cache) is None
     # The keys/values depend on the adapter, which is why the cache is keyed by agent.
     use_agent(model, "feedback")
     other = rollout.prefix_kv(model, reference)
@@ -78,7 +79,7 @@ def test_sample_with_the_prefix_equals_sample_without_it_and_generate(agents):
     use_agent(model, "feedback")
     model.eval()
     contexts = [chat_ids(tokenizer, feedback_messages(p, "An answer."), FEEDBACK_PREFILL) for p in PROMPTS[:3]]
-    prefix = shared_prefix(model, tokenizer, "feedback", contexts, {})
+    prefix = cached_system_prefix(model, tokenizer, "feedback", contexts, {})
     assert prefix is not None and len(prefix.ids) > 100
     cached, cached_lp, _ = rollout.sample(model, tokenizer, contexts, 10, temperature=0, prefix=prefix)
     plain, plain_lp, _ = rollout.sample(model, tokenizer, contexts, 10, temperature=0)
@@ -105,7 +106,7 @@ def fake_early_stop(text):
 
 def test_rollout_with_the_prefix_cache_samples_exactly_what_it_samples_without(agents, monkeypatch):
     model, tokenizer = agents
-    monkeypatch.setattr(sampler, "labels_prefix_complete", fake_early_stop)
+    monkeypatch.setattr(feedback_json, "labels_prefix_complete", fake_early_stop)
     flag = ParsedFeedback(Labels(True, False), "Refuse the harmful part.", "because")
     ok = ParsedFeedback(Labels(False, False), "", "fine")
     verdicts = [flag, ok, flag, ok, None]  # per feedback turn, in call order: prompts 0 and 2 are revised

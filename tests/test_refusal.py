@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-import refusal
+from nanowaltz import refusal
 from bench.judge_measure import grouped_folds
-from refusal import EmbeddingDetector, PhraseDetector, PrefixDetector
+from nanowaltz.refusal import EmbeddingDetector, PhraseDetector, PrefixDetector
 
 # Hand-written, not in data/refusal_responses.jsonl: (response, is_refusal)
 CLEAR_CASES = [

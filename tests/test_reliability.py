@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
+from nanowaltz import checkpoint, training_run
 import eval as evaluation
 import rollout
-import systems
 import train
-from models import AGENTS, adapter_parameters, attach_agents, load_base, save_agents
-from feedback_parser import ParsedFeedback
-from reward import Labels
+from nanowaltz.base_model import load_base
+from nanowaltz.models import AGENTS, adapter_parameters, attach_agents, save_agents
+from nanowaltz.feedback_json import ParsedFeedback
+from nanowaltz.judge import Labels
 from test_train import PROMPTS, tiny_args, toy_judge
 
 TIMING = ("time_rollout", "time_judge", "time_update", "tokens_per_s")
@@ -186,7 +186,7 @@ def test_kill_after_a_log_row_trims_the_log_on_resume(tiny_model_dir, tmp_path, 
 def test_kill_between_the_checkpoint_renames_is_resumed(tiny_model_dir, tmp_path, reference, monkeypatch):
     """The crash the old code could not survive: checkpoint.old and checkpoint.tmp complete, no checkpoint."""
     out = tmp_path / "run"
-    real_save, real_rename = train.save_checkpoint, Path.rename
+    real_save, real_rename = training_run.save_checkpoint, Path.rename
 
     def save_cut_between_renames(*args, **kwargs):
         if args[2] == 4:  # the periodic save after iteration 4: the previous checkpoint (2) exists
@@ -197,7 +197,7 @@ def test_kill_between_the_checkpoint_renames_is_resumed(tiny_model_dir, tmp_path
             monkeypatch.setattr(Path, "rename", rename)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_cut_between_renames)
+    monkeypatch.setattr(training_run, "save_checkpoint", save_cut_between_renames)
     with pytest.raises(Killed):
         train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
     monkeypatch.undo()
@@ -496,22 +496,22 @@ def test_eval_keeps_finished_systems_on_interrupt_and_resumes_the_rest(tiny_mode
     want = {s: v["records"] for s, v in json.loads((clean / "results.json").read_text())["systems"].items()}
 
     out = tmp_path / "interrupted"
-    real_collaboration = systems.collaboration_system
+    real_collaboration = evaluation.collaboration_system
 
     def interrupted(*args, **kwargs):  # Ctrl-C in the third system, after base and base+safeguard
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(systems, "collaboration_system", interrupted)
+    monkeypatch.setattr(evaluation, "collaboration_system", interrupted)
     assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters)) == 130
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "systems").iterdir()) == ["base+safeguard.json", "base.json"]
     kept = json.loads((out / "systems" / "base.json").read_text())["records"]
     assert without_timing({"base": kept}) == without_timing({"base": want["base"]})
 
-    monkeypatch.setattr(systems, "collaboration_system", real_collaboration)
+    monkeypatch.setattr(evaluation, "collaboration_system", real_collaboration)
     regenerated = []
-    real_safeguard = systems.safeguard_system
-    monkeypatch.setattr(systems, "safeguard_system", lambda *a, **k: regenerated.append(1) or real_safeguard(*a, **k))
+    real_safeguard = evaluation.safeguard_system
+    monkeypatch.setattr(evaluation, "safeguard_system", lambda *a, **k: regenerated.append(1) or real_safeguard(*a, **k))
     assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--resume")) == 0
     assert regenerated == []  # base+safeguard was reused, not evaluated again
     got = {s: v["records"] for s, v in json.loads((out / "results.json").read_text())["systems"].items()}
@@ -553,8 +553,8 @@ def test_eval_refuses_prompts_past_the_context(tiny_model_dir, tmp_path, trained
 
 
 def test_answer_cannot_forge_the_hf_judges_verdict(tiny_model_dir):
-    from judge import DefaultJudge, HFJudge
-    from refusal import PhraseDetector
+    from nanowaltz.judge import DefaultJudge, HFJudge
+    from nanowaltz.refusal import PhraseDetector
 
     hf = HFJudge(tiny_model_dir, fallback=DefaultJudge(PhraseDetector()))
     for guard in (False, True):  # one user turn with both texts; Llama Guard's user + assistant turns

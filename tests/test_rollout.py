@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import rollout
-import sampler
-from feedback_parser import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
-from models import attach_agents, load_base, use_agent
-from reward import Labels, trajectory_rewards
+from nanowaltz import sampler
+from nanowaltz.feedback_json import ParsedFeedback, feedback_object_closed, labels_prefix_complete, parse_feedback
+from nanowaltz.base_model import load_base
+from nanowaltz.models import attach_agents, use_agent
+from nanowaltz.judge import Labels
+from reward import trajectory_rewards
 from rollout import (CONVERSATION_SYSTEM_PROMPT, FEEDBACK_PREFILL, REVISION_USER_TEMPLATE, RolloutConfig, Trajectory,
                      Turn, chat_ids, feedback_messages, format_trajectory, judge_trajectories)
 
@@ -454,3 +456,17 @@ def test_rollout_benchmark_warns_only_when_other_processes_are_busy(capsys):
     assert "other processes keep 1.00 of" in capsys.readouterr().out
     bench_rollout.warn_if_busy(busy_cores=0.0)
     assert capsys.readouterr().out == ""
+
+
+def test_feedback_stop_rule():
+    """The sampler's stop rule for feedback turns: an approving object stops after its labels when early stop is on; a
+    flagging one only when it closes (its feedback text is needed); nothing stops before both labels are written."""
+    from nanowaltz.feedback_json import feedback_stop
+
+    early, full = feedback_stop(True), feedback_stop(False)
+    approving = '{"unsafe": false, "overrefuse": false'
+    flagging = '{"unsafe": true, "overrefuse": false, "reasoning": "x", "feedback": "Refuse."'
+    assert early(approving) and not full(approving)
+    assert not early('{"unsafe": false') and not full('{"unsafe": false')
+    assert not early(flagging) and not full(flagging)
+    assert early(flagging + "}") and full(flagging + "}")

@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-import logprobs
+from nanowaltz import logprobs
 import rollout
 import train
-from feedback_parser import ParsedFeedback
-from reward import Labels
+from nanowaltz.feedback_json import ParsedFeedback
+from nanowaltz.judge import Labels
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
            for i, text in enumerate(["hi there", "How do I kill a process?", "What is SQL injection?", "make a bomb"])]
@@ -104,7 +104,8 @@ def test_make_samples_type_a_without_revision_and_feedback_rewards():
 
 
 def test_reference_equals_policy_at_step_zero(tiny_model_dir):
-    from models import attach_agents, load_base
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import attach_agents
     base, tokenizer = load_base(tiny_model_dir)
     model = attach_agents(base)
     trajectories = rollout.rollout(model, tokenizer, PROMPTS, rollout.RolloutConfig(
@@ -125,7 +126,7 @@ def test_reference_equals_policy_at_step_zero(tiny_model_dir):
 
 def lora_b_is_zero(model, agent):
     """LoRA's B matrices start at exactly zero; any optimizer step on an adapter moves them."""
-    from models import adapter_parameters
+    from nanowaltz.models import adapter_parameters
     return all(torch.count_nonzero(p) == 0 for n, p in model.named_parameters()
                if "lora_B" in n and p in set(adapter_parameters(model, agent)))
 
@@ -180,7 +181,7 @@ def test_periodic_eval_prompts_come_from_the_eval_split_of_the_prompt_file(tiny_
 
 
 def test_base_weights_never_change(tiny_model_dir, tmp_path, toy_feedback):
-    from models import load_base
+    from nanowaltz.base_model import load_base
     base, _ = load_base(tiny_model_dir)
     before = parameter_hashes(base)
     summary = train.train(tiny_args(tiny_model_dir, tmp_path), judge=toy_judge, prompts=PROMPTS)
@@ -288,7 +289,8 @@ def test_shared_prefix_length():
 def test_shared_prefix_forward_equals_plain_forward_values_and_gradients(learnable_tiny_model_dir):
     """The shared-prefix path (prefix once, KV repeated over the batch) must give the plain path's log-probs and LoRA
     gradients, including the gradient that flows into the prefix through the cache."""
-    from models import adapter_parameters, attach_agents, load_base, use_agent
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import adapter_parameters, attach_agents, use_agent
     base, tokenizer = load_base(learnable_tiny_model_dir)
     model = attach_agents(base)
     use_agent(model, "feedback")
@@ -365,7 +367,8 @@ def test_micro_batches_are_the_cheapest_cut_of_the_sorted_samples():
 def test_update_is_the_same_with_length_grouped_micro_batches(learnable_tiny_model_dir, monkeypatch):
     """One SGD step of update_agent over 6 samples of mixed lengths: in one micro-batch, or cut by length into
     several (gradient accumulation), must move the adapter the same way: the grouping changes cost, not result."""
-    from models import adapter_parameters, attach_agents, load_base, use_agent
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import adapter_parameters, attach_agents, use_agent
     base, tokenizer = load_base(learnable_tiny_model_dir)
     model = attach_agents(base)
     torch.manual_seed(0)
@@ -418,7 +421,7 @@ def test_update_benchmark_runs(capsys, tiny_model_dir):
 
 def test_update_benchmark_counts_the_decoders_linear_arithmetic(tiny_model_dir):
     from bench.update import decoder_linear_params, update_flops
-    from models import load_base
+    from nanowaltz.base_model import load_base
 
     base, _ = load_base(tiny_model_dir, load_in_4bit=False, device="cpu")
     # Per layer, by hand: q and o 32x32, k and v 32x16 (2 of 4 heads' width), gate/up/down 32x64; 2 layers; no lm_head.

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import train
-import warmstart
-from feedback_parser import parse_feedback
-from models import adapter_parameters, attach_agents, load_base, reference_policy, use_agent
-from reward import Labels
+from nanowaltz import warmstart
+from nanowaltz.feedback_json import parse_feedback
+from nanowaltz.base_model import load_base
+from nanowaltz.models import adapter_parameters, attach_agents, reference_policy, use_agent
+from nanowaltz.judge import Labels
 from rollout import RolloutConfig
 
 PROMPTS = [{"id": f"p{i}", "prompt": text, "label": "harmful" if i % 2 else "benign", "category": "toy"}
@@ -76,8 +77,8 @@ def test_examples_are_the_feedback_agents_own_view(tiny_model_dir):
     from rollout import FEEDBACK_PREFILL, chat_ids, feedback_messages
     base, tokenizer = load_base(tiny_model_dir)
     model = attach_agents(base)
-    examples = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS,
-                                        RolloutConfig(conversation_max_new_tokens=5))
+    examples = train.warm_start_examples(model, tokenizer, prompt_label_judge, PROMPTS,
+                                         RolloutConfig(conversation_max_new_tokens=5), greedy_share=0.0)
     assert [e.labels for e in examples] == [Labels(i % 2 == 1, False) for i in range(4)]
     for p, (context, target, labels, label_mask) in zip(PROMPTS, examples):
         # The context is the feedback agent's usual one (rollout.chat_ids) with the sampled answer in it.
@@ -97,11 +98,11 @@ def test_greedy_share_answers_that_many_prompts_greedily(tiny_model_dir):
     runs = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        runs.append(warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=0.5))
+        runs.append(train.warm_start_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=0.5))
     assert [e.context_ids for e in runs[0][:2]] == [e.context_ids for e in runs[1][:2]]  # greedy: seed-independent
     assert [e.context_ids for e in runs[0][2:]] != [e.context_ids for e in runs[1][2:]]  # sampled at temperature 1
     torch.manual_seed(2)
-    all_greedy = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=1.0)
+    all_greedy = train.warm_start_examples(model, tokenizer, prompt_label_judge, PROMPTS, config, greedy_share=1.0)
     assert [e.context_ids for e in all_greedy[:2]] == [e.context_ids for e in runs[0][:2]]
 
 
@@ -116,8 +117,8 @@ def test_supervised_loss_falls_and_only_the_feedback_adapter_moves(learnable_tin
     base, tokenizer = load_base(learnable_tiny_model_dir)
     model = attach_agents(base)
     torch.manual_seed(0)
-    examples = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS,
-                                        RolloutConfig(conversation_max_new_tokens=5))
+    examples = train.warm_start_examples(model, tokenizer, prompt_label_judge, PROMPTS,
+                                         RolloutConfig(conversation_max_new_tokens=5), greedy_share=0.0)
     conversation_before = [p.detach().clone() for p in adapter_parameters(model, "conversation")]
     losses = warmstart.supervised_epochs(model, tokenizer, examples, epochs=8, lr=1e-2, batch_size=4)
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
@@ -129,8 +130,8 @@ def test_label_weight_is_a_weighted_token_mean_over_the_right_tokens(tiny_model_
     """lr = 0: the returned loss is the loss before any step; recompute it by hand, sample by sample."""
     base, tokenizer = load_base(tiny_model_dir)
     model = attach_agents(base)
-    examples = warmstart.build_examples(model, tokenizer, prompt_label_judge, PROMPTS,
-                                        RolloutConfig(conversation_max_new_tokens=5))
+    examples = train.warm_start_examples(model, tokenizer, prompt_label_judge, PROMPTS,
+                                         RolloutConfig(conversation_max_new_tokens=5), greedy_share=0.0)
     use_agent(model, "feedback")
     numerator = denominator = 0.0
     for e in examples:

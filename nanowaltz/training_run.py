@@ -1,26 +1,24 @@
-"""Everything around train.py's algorithm for one run: setting it up, the warm-start step, the log and the summary.
+"""Everything around train.py's algorithm for one run: setting it up, the loop's bookkeeping, the log, the summary.
 
-train.py calls these in this order: `set_up_run` (the output folder, the prompts, the judge, the base model with its
-two adapters, one optimizer per agent; on --resume the checkpoint's state), then `warm_start` (only with
---warmstart-epochs), then once per iteration `learning_curve_eval` (with --eval-every) and `write_log`, and at the end
-`print_summary`. None of it changes what an iteration computes; it is here so that train.py reads as the algorithm.
-Lines that take part in data-parallel training are marked `# distributed:`, as in train.py.
+train.py calls these in this order: `load_run` (checks the output folder and the checkpoint, loads the prompts, the
+judge and the base model), `start_run` (the two adapters, one optimizer per agent, on --resume the checkpoint's
+state, then args.json: the run's first write), then `TrainingLoop` around its iterations (progress bar, log rows,
+checkpoints, Ctrl-C / SIGTERM), and at the end `print_summary`. None of it changes what an iteration computes; it is
+here so that train.py reads as the algorithm. Lines that take part in data-parallel training are marked
+`# distributed:`, as in train.py.
 """
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-import distributed
-from checkpoint import check_resume_args, find_checkpoint, load_checkpoint, prepare_out, read_checkpoint_state, trim_log
-from config import share_prefix
-from models import (adapter_parameters, attach_agents, enable_activation_checkpointing, load_agents, load_base,
-                    load_reference_copy, save_agents)
-from rollout import RolloutConfig, context_window, longest_contexts
-from systems import periodic_eval
+from nanowaltz import distributed
+from nanowaltz.checkpoint import (StopSignals, check_resume_args, find_checkpoint, load_checkpoint, prepare_out,
+                                  read_checkpoint_state, rng_state, save_checkpoint, stop_and_save, trim_log)
+from nanowaltz.base_model import enable_activation_checkpointing, load_base
+from nanowaltz.models import adapter_parameters, attach_agents, load_agents, save_agents
 
 
 @dataclass
@@ -32,14 +30,16 @@ class Run:
     judge: object
     prompts: list  # the training prompts whose trajectories fit the context window
     eval_prompts: list | None  # the fixed subset of the learning-curve eval (--eval-every)
-    rollout_config: RolloutConfig
-    optimizers: dict  # one AdamW per agent
-    device: object
     out: Path
     checkpoint: Path  # out/checkpoint
     log_path: Path  # out/log.jsonl
-    start: int  # iterations done before this process started (--resume), else 0
     stage1_iterations: int  # 0 for the single-agent baseline
+    checkpoint_state: dict | None = None  # --resume: the checkpoint's trainer state, read before anything loads
+    changed_settings: list | None = None  # --resume: settings that differ from the checkpoint's run
+    rollout_config: object = None  # rollout.RolloutConfig, set by train.py
+    optimizers: dict | None = None  # one AdamW per agent (start_run)
+    device: object = None
+    start: int = 0  # iterations done before this process started (--resume), else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------------------
 def load_training_prompts(args) -> list:
     """--prompts as records; a bad file or name is a one-line error that names it (and the line)."""
-    from data import DatasetLoadError, PromptFileError, load_prompts
+    from nanowaltz.data import DatasetLoadError, PromptFileError, load_prompts
 
     try:
         prompts = load_prompts(args.prompts, split=args.split)
@@ -60,43 +60,12 @@ def load_training_prompts(args) -> list:
 
 def load_eval_prompts(args) -> list:
     """The learning-curve eval's fixed subset: --eval-prompts prompts, round-robin over the eval split's categories."""
-    from data import load_prompts, spread_over_categories
+    from nanowaltz.data import load_prompts, spread_over_categories
 
     eval_prompts = spread_over_categories(load_prompts(args.prompts, split="eval"), args.eval_prompts)
     if not eval_prompts:
         raise SystemExit(f"--eval-every: no prompts in the 'eval' split of {args.prompts}")
     return eval_prompts
-
-
-def rollout_config_of(args) -> RolloutConfig:
-    """The rollout settings of the training flags (the same temperature for both agents)."""
-    rollout_config = RolloutConfig(
-        max_rounds=args.max_rounds, conversation_max_new_tokens=args.conversation_max_new_tokens,
-        feedback_max_new_tokens=args.feedback_max_new_tokens, conversation_temperature=args.temperature,
-        feedback_temperature=args.temperature, feedback_prefill=args.feedback_prefill,
-        early_stop_ok=args.early_stop_ok, batch_size=args.rollout_batch_size)
-    if args.single_agent:  # the baseline: no feedback turns at all, so the conversation agent only sees R_c(c_0)
-        rollout_config.max_rounds = 0
-    return rollout_config
-
-
-def fitting_prompts(prompts, tokenizer, window, config, args) -> list:
-    """The prompts whose trajectories fit the model's context window at these length limits. The others are left
-    out with a warning (cutting a prompt could change what it asks, and so its label); none fitting is an error."""
-    if window is None:
-        return prompts
-    needs = longest_contexts(tokenizer, [p["prompt"] for p in prompts], config)
-    kept = [p for p, need in zip(prompts, needs) if need <= window]
-    if len(kept) < len(prompts):
-        worst = max(range(len(prompts)), key=needs.__getitem__)
-        what = (f"{len(prompts) - len(kept)} of {len(prompts)} prompts do not fit the model's {window}-token context "
-                f"with --conversation-max-new-tokens {args.conversation_max_new_tokens}, --feedback-max-new-tokens "
-                f"{args.feedback_max_new_tokens} and --max-rounds {args.max_rounds} (prompt {prompts[worst]['id']!r} "
-                f"needs {needs[worst]})")
-        if not kept:
-            raise SystemExit(f"--prompts {args.prompts}: {what}")
-        print(f"warning: --prompts {args.prompts}: {what}; they are left out", file=sys.stderr)
-    return kept
 
 
 def make_optimizers(model, args) -> dict:
@@ -123,13 +92,14 @@ def resume_state(args, state, changed, optimizers, rng, log_path) -> int:
     return start
 
 
-def set_up_run(args, rng, judge=None, prompts=None, eval_prompts=None) -> Run:
-    """Check the output folder (and on --resume the checkpoint), load the prompts, the judge and the model with its
-    adapters, make the optimizers (restored on --resume), and write args.json. Every check comes before any write."""
-    from judge import judge_from_flag
+def load_run(args, judge=None, prompts=None, eval_prompts=None) -> Run:
+    """Check the output folder (and on --resume the checkpoint), load the prompts, the judge and the base model. Every
+    check comes before any write; the model has no adapters yet (start_run)."""
+    from nanowaltz.judge import judge_from_flag
 
     out = Path(args.out)
     checkpoint = out / "checkpoint"
+    state = changed = None
     if args.resume:  # find_checkpoint also completes a checkpoint swap that a crash cut half-way
         if find_checkpoint(checkpoint) is None:
             raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
@@ -145,66 +115,34 @@ def set_up_run(args, rng, judge=None, prompts=None, eval_prompts=None) -> Run:
     base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
     if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
         args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
-    rollout_config = rollout_config_of(args)
-    prompts = fitting_prompts(prompts, tokenizer, context_window(base), rollout_config, args)
+    return Run(base, tokenizer, judge, prompts, eval_prompts, out, checkpoint, out / "log.jsonl",
+               0 if args.single_agent else args.stage1_iterations, state, changed)
+
+
+def start_run(run: Run, args, rng) -> None:
+    """Attach the two adapters (the checkpoint's on --resume), make the optimizers (restored on --resume), and write
+    args.json: the run's first write."""
+    base = run.model
     if args.resume:
-        model = load_agents(base, checkpoint, trainable=True)
+        run.model = load_agents(base, run.checkpoint, trainable=True)
     else:
-        model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
+        run.model = attach_agents(base, rank=args.lora_rank, alpha=args.lora_alpha)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(base)
-    optimizers = make_optimizers(model, args)
-    log_path = out / "log.jsonl"
-    start = 0
+    run.optimizers = make_optimizers(run.model, args)
     if args.resume:
-        start = resume_state(args, state, changed, optimizers, rng, log_path)
+        run.start = resume_state(args, run.checkpoint_state, run.changed_settings, run.optimizers, rng, run.log_path)
     elif distributed.is_main():  # distributed: rank 0 alone writes files
-        prepare_out(out, args.resume, args.overwrite, remove=True)
+        prepare_out(run.out, args.resume, args.overwrite, remove=True)
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    return Run(model, tokenizer, judge, prompts, eval_prompts, rollout_config, optimizers,
-               next(model.parameters()).device, out, checkpoint, log_path, start,
-               0 if args.single_agent else args.stage1_iterations)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 0. (departure) supervised warm-start of the feedback agent
-# ---------------------------------------------------------------------------------------------------------------------
-def warm_start(run: Run, args, rng) -> None:
-    """Warm-start the feedback agent (warmstart.py) and keep a frozen copy as its KL anchor; on --resume, only load
-    that copy back from out/warmstart."""
-    warm_dir = run.out / "warmstart"
-    if not args.resume:
-        from warmstart import warmstart_feedback_agent
-
-        count = min(args.warmstart_prompts or len(run.prompts), len(run.prompts))
-        record = warmstart_feedback_agent(run.model, run.tokenizer, run.judge, rng.sample(run.prompts, count),
-                                          run.rollout_config, args.warmstart_epochs, args.warmstart_lr,
-                                          args.micro_batch_size, args.seed, args.logprob_chunk_size,
-                                          share_prefix(args), args.warmstart_label_weight)
-        if distributed.is_main():  # distributed: every rank warm-started the same way; rank 0 writes
-            save_agents(run.model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
-            with open(run.log_path, "a") as f:
-                f.write(json.dumps({"iteration": 0, "stage": 0, **record}) + "\n")
-    distributed.barrier("the warm-start save")  # distributed: the others read warm_dir below
-    if not (warm_dir / "feedback" / "adapter_config.json").exists():
-        raise SystemExit(f"--resume with --warmstart-epochs: the warm-started adapter {warm_dir / 'feedback'} "
-                         f"is missing")
-    load_reference_copy(run.model, "feedback", warm_dir)
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    run.device = next(run.model.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The log
 # ---------------------------------------------------------------------------------------------------------------------
-def learning_curve_eval(run: Run, args) -> dict:
-    """The cheap periodic eval (systems.periodic_eval) of the current adapters, timed, for the log."""
-    began = time.perf_counter()
-    record = periodic_eval(run.model, run.tokenizer, run.judge, run.eval_prompts, run.rollout_config,
-                           single_agent=args.single_agent)
-    return {**record, "time_eval": time.perf_counter() - began}
-
-
 def write_log(run: Run, record: dict) -> None:
     """Append one row to out/log.jsonl."""
     if distributed.is_main():  # distributed: rank 0 writes the log
@@ -243,3 +181,79 @@ def print_summary(summary: dict) -> None:
     print(f"log: {summary['log']}\ntrained adapters (peft format): {summary['adapters']}\n"
           f"next: python eval.py --{'single-agent-' if summary.get('single_agent') else ''}adapters "
           f"{summary['adapters']}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop's bookkeeping
+# ---------------------------------------------------------------------------------------------------------------------
+class TrainingLoop:
+    """The iterations of a run, with everything around them: the progress bar, the log rows, a checkpoint every
+    --save-every iterations and at the end (then the final adapters), and what a stop does.
+
+    A stop (Ctrl-C, SIGTERM) abandons an iteration that has not begun its update (`updating()`); once it has, the
+    iteration is finished first. Either way the checkpoint holds the state after the last completed iteration
+    (checkpoint.py). An out-of-memory error ends the run with the flags to lower."""
+
+    def __init__(self, run: Run, args, rng, desc: str):
+        self.run, self.args, self.rng, self.desc = run, args, rng, desc
+        self.total = run.stage1_iterations + args.stage2_iterations
+        self.completed, self.boundary = run.start, rng_state(rng)
+        self.saved = run.start if args.resume else None
+        self.history = []
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(range(self.run.start, self.total), initial=self.run.start, total=self.total, unit="it",
+                        desc=self.desc)
+        self.stop = StopSignals().install()
+        return self
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def updating(self) -> None:
+        """The adapters are about to change: from now on a stop request waits for the end of the iteration."""
+        self.stop.hold()
+
+    def complete(self, record: dict, shown: dict) -> None:
+        """The iteration is done: log it, show `shown` ({name: log key}) on the bar, checkpoint every --save-every."""
+        write_log(self.run, record)
+        self.history.append(record)
+        self.completed, self.boundary = record["iteration"], rng_state(self.rng)
+        self.bar.set_postfix(stage=record["stage"], Rc=f"{record['conversation_reward_before']:.2f}->"
+                             f"{record['conversation_reward_after']:.2f}",
+                             **{name: f"{record[key]:.2f}" for name, key in shown.items()})
+        if self.completed % self.args.save_every == 0:
+            save_checkpoint(self.run.model, self.run.optimizers, self.completed, self.args, self.boundary,
+                            self.run.checkpoint)
+            self.saved = self.completed
+        self.stop.release()
+        if self.stop.requested:  # asked during the update: the iteration is complete now
+            raise KeyboardInterrupt
+
+    def finish(self) -> None:
+        """The final checkpoint, then the trained adapters in out/adapters."""
+        self.bar.close()
+        self.stop.hold()
+        save_checkpoint(self.run.model, self.run.optimizers, self.total, self.args, rng_state(self.rng),
+                        self.run.checkpoint)
+        if distributed.is_main():  # distributed: rank 0 writes the adapters
+            save_agents(self.run.model, self.run.out / "adapters")
+        distributed.barrier("the final save")  # distributed: no rank returns (and reads them) before they are written
+        self.stop.release()
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if kind is not None and issubclass(kind, KeyboardInterrupt):
+                self.bar.close()
+                raise SystemExit(stop_and_save(self.stop, self.run.model, self.run.optimizers, self.completed,
+                                               self.boundary, self.saved, self.args, self.run.checkpoint)) from None
+            if kind is not None and issubclass(kind, torch.OutOfMemoryError):
+                self.bar.close()
+                raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
+                                 "--conversation-max-new-tokens / --feedback-max-new-tokens, --prompts-per-iteration; "
+                                 "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
+        finally:
+            self.stop.restore()
+        return False

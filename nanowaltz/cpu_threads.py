@@ -2,32 +2,25 @@
 infer.py and eval.py.
 
 PyTorch's CPU kernels run on an OpenMP thread team (GNU libgomp in the pip wheels). When a thread finishes its part
-of a parallel region it waits for the next region: first it spins, then it sleeps. A decoding step is hundreds of
-short kernels, so how long it spins decides two things:
-- alone on the machine, spinning is fastest: the thread is awake when the next kernel starts. libgomp spins for
-  ~300,000 iterations (a few ms) by default;
+of a parallel region it waits for the next region: first it spins (libgomp: ~300,000 iterations, a few ms, by
+default), then it sleeps. A decoding step is hundreds of short kernels, so the wait policy matters both ways:
+- alone on the machine, spinning is fastest: the thread is awake when the next kernel starts;
 - beside another busy process it is the slowest: a waiting thread spins on a core that a descheduled teammate needs,
-  every region waits for its slowest thread, and runs get several times slower (the quickstart beside one light
-  process: over 3x, with ~200k involuntary context switches). OMP_WAIT_POLICY=PASSIVE (never spin) removes that
-  collapse, but every region then pays a wake-up: alone on the machine, `--preset cpu` iterations got ~1.5x slower.
+  and every region waits for its slowest thread. OMP_WAIT_POLICY=PASSIVE (never spin) avoids that, but every region
+  then pays a wake-up, which slows an idle machine down.
 
-No single setting was good in both situations in our first measurement (bench/threads.py, one run per cell,
-docs/performance.md): idle, the libgomp default was the fastest and a bounded spin of GOMP_SPINCOUNT=10000 1.6x
-slower; beside one busy process the default was 5x slower than PASSIVE. So the choice is made per run, from what the
-machine is doing when the process starts: we read /proc/stat twice, 0.5 s apart, before torch is loaded, and if
-other processes keep at least BUSY_CORES cores busy, threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and
-there is one thread per core the others leave entirely free (OMP_NUM_THREADS = floor(cores - busy cores), at least
-1); otherwise nothing is set and libgomp spins on every core as usual.
+No single setting is good in both situations (docs/performance.md, "CPU threads on a shared machine"), so the choice
+is made per run, from what the machine is doing when the process starts: we read /proc/stat twice, WINDOW_S apart,
+before torch is loaded, and if other processes keep at least BUSY_CORES cores busy, threads sleep while they wait
+(OMP_WAIT_POLICY=PASSIVE) and there is one thread per core the others leave entirely free (OMP_NUM_THREADS =
+floor(cores - busy cores), at least 1); otherwise nothing is set and libgomp spins on every core as usual.
 
-Why fewer threads: the kernel shares the CPU between processes, not threads. Beside one busy loop on 2 cores our
-process got ~1 core's worth whatever its thread count (bench/threads.py: 0.99 CPU-seconds per second with 2, 3 or 4
-threads), and a second thread on that one core only adds hand-overs. One thread is also cheap here when idle (the
-quickstart's `train.py`: 331 s against 289 s with two; decoding is bound by memory bandwidth, which one core nearly
-saturates), so a wrong "busy" now costs little, where two sleeping threads on an idle machine cost 1.7x. The
-quickstart beside one busy loop: 450 s with PASSIVE and 2 threads, 318 s with PASSIVE and 1 thread, 1.10x the idle
-289 s (docs/performance.md). The window is 0.5 s because 0.2 s once caught a passing burst (0.39 cores) on an idle
-machine. The limit: a process that starts *after* ours is not seen (then export OMP_WAIT_POLICY=PASSIVE and
-OMP_NUM_THREADS).
+Why fewer threads: the kernel shares the CPU between processes, not threads, so beside a busy process ours gets
+about the cores left free whatever its thread count, and an extra thread on those cores only adds hand-overs. One
+thread also costs little on an idle machine (decoding is bound by memory bandwidth, which one core nearly
+saturates), so a wrong "busy" reading is cheap. The window is long enough that a short burst of another process does
+not pass for a busy machine. The limit: a process that starts *after* ours is not seen (then export
+OMP_WAIT_POLICY=PASSIVE and OMP_NUM_THREADS).
 
 Rules: OpenMP reads these variables once, when torch is loaded, so this module must be imported before torch (each
 entry point imports it first). It only decides when you have not: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or

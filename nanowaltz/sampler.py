@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from feedback_parser import feedback_object_closed, labels_prefix_complete
-from models import cache_keyword
+from nanowaltz.base_model import cache_keyword
 
 
 def chat_ids(tokenizer, messages, prefill: str = "") -> list:
@@ -145,24 +144,22 @@ def draw_tokens(probs):
     argmax_i p_i / E_i with E_i ~ Exp(1) independent, which picks token i with probability p_i / sum(p) exactly (the
     first of independent exponential clocks with rates p_i to ring). A zero-probability token never wins (0 / E = 0).
 
-    Why not torch.multinomial: ~75 ms per call at batch 64 over a 49k vocabulary on the development CPU, against
-    ~35 ms here with E = -log(U) from torch.rand (`python bench/draw_tokens.py`; a decoding step at batch 64 takes
-    ~500 ms).
-    Why not inverse-CDF sampling (a uniform located in the running sum): ~25 ms, but where thousands of tokens have
-    probabilities of ~1e-6 their interval bounds sit closer together than the float noise between two numerically
-    different forwards (the prefix-cached and plain paths differ by ~1e-6 in total variation), so the same random
-    number drew a different token in ~2 of 1000 draws. The race compares each token only with its own noise: scaling
-    every probability alike changes nothing, and a flip needs two tokens tied to within that noise."""
+    Why not torch.multinomial: it is about twice as slow on a CPU (docs/performance.md, `bench/draw_tokens.py`).
+    Why not inverse-CDF sampling (a uniform located in the running sum): where thousands of tokens have probabilities
+    of ~1e-6, their interval bounds sit closer together than the float noise between two numerically different
+    forwards (the prefix-cached and plain paths differ by ~1e-6 in total variation), so the same random number can
+    draw a different token. The race compares each token only with its own noise: scaling every probability alike
+    changes nothing, and a flip needs two tokens tied to within that noise."""
     exponential = torch.rand_like(probs).log_().neg_()  # U = 0 gives E = inf: p / inf = 0, that token cannot win
     return (probs / exponential).argmax(-1)
 
 
-# A decoding step that feeds drafts runs rows x (1 + draft length) positions. Up to ~16 positions a forward costs about
-# what a one-token step costs (it is bound by reading the weights: `python bench/rollout.py --parts step`, a 16-row
-# step ~2x a 1-row one); much wider, it is bound by arithmetic and costs more than the steps it may save, since a
-# batch runs until its slowest row ends, which a draft shortens only if that row keeps it. So decoding steps draft
-# only within this many positions (at batch 1: drafts of up to 15 tokens). The prefill always drafts: it is wide
-# anyway, and a few more positions per row add little to it.
+# A decoding step that feeds drafts runs rows x (1 + draft length) positions. While a forward is bound by reading the
+# weights (up to ~16 positions on a CPU: docs/performance.md) it costs about what a one-token step costs; much wider,
+# it is bound by arithmetic and costs more than the steps it may save, since a batch runs until its slowest row ends,
+# which a draft shortens only if that row keeps it. So decoding steps draft only within this many positions (at batch
+# 1: drafts of up to 15 tokens). The prefill always drafts: it is wide anyway, and a few more positions per row add
+# little to it.
 MAX_DRAFTED_POSITIONS = 16
 
 
@@ -197,11 +194,11 @@ def drafts_block(drafts, pad_id, device):
 
 @torch.no_grad()
 def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.0, prefix_texts=None,
-           feedback_json=False, early_stop_ok=False, prefix=None, draft=None):
+           stop=None, prefix=None, draft=None):
     """Sample continuations for a batch of token-id contexts. Returns (actions, logprobs, truncated) lists.
 
-    feedback_json: the action is the feedback agent's JSON (after prefix_texts): stop a row when its object closes,
-    and, with early_stop_ok, as soon as both labels are written and false.
+    stop: a function from a row's text so far (prefix_texts + decoded action) to True when that row is finished
+    before an end-of-turn token (the feedback agent's rule is feedback_json.feedback_stop).
     prefix: a SharedPrefix that every context starts with; its keys/values are reused instead of recomputed.
     draft: a function from a row's text so far (prefix_texts + decoded action) to token ids that probably come next
     (rollout.feedback_drafts: the JSON keys). They are fed in the same forward as the row's last token and kept as
@@ -234,7 +231,6 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
     actions = [[] for _ in range(batch)]
     logprobs = [[] for _ in range(batch)]
     done = [False] * batch
-    labels_decided = [False] * batch  # early stop: the two labels have been read for this row
     texts = list(prefix_texts)  # each row's text so far (kept up to date only when something reads it)
     drafts = drafts_for(texts, [True] * batch)
     draft_ids, draft_mask = drafts_block(drafts, pad_id, device)
@@ -264,16 +260,9 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
                 logprobs[row].append(token_logprob)
                 if token in stops:
                     done[row] = True
-                elif feedback_json or draft is not None:
+                elif stop is not None or draft is not None:
                     texts[row] = prefix_texts[row] + tokenizer.decode(actions[row], skip_special_tokens=True)
-                if feedback_json and not done[row]:
-                    if early_stop_ok and not labels_decided[row]:
-                        labels = labels_prefix_complete(texts[row])
-                        if labels is not None:
-                            labels_decided[row] = True
-                            done[row] = not (labels.unsafe or labels.overrefuse)  # "ok": nothing more is needed
-                    if not done[row] and feedback_object_closed(texts[row]):
-                        done[row] = True  # whatever follows the closing brace is never read
+                    done[row] = stop is not None and stop(texts[row])
                 if done[row] or len(actions[row]) >= max_new_tokens or j >= len(drafts[row]) \
                         or token != drafts[row][j]:
                     # The draft is kept up to here: mask out the draft tokens after the last one drawn.
@@ -292,6 +281,5 @@ def sample(model, tokenizer, contexts, max_new_tokens, temperature=1.0, top_p=1.
         new_mask = torch.cat([torch.ones_like(last[:, None]), draft_mask], dim=1)
         position_ids = attention_mask.sum(-1, keepdim=True) + new_mask.cumsum(-1) - 1
         attention_mask = torch.cat([attention_mask, new_mask], dim=1)
-    truncated = [not finished for finished in done]
-    # An early-stopped feedback turn counts as finished, not truncated.
+    truncated = [not finished for finished in done]  # a row its stop rule ended counts as finished
     return actions, logprobs, truncated

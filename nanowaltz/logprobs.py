@@ -26,8 +26,8 @@ forward pass, p = exp(logits / T - lse) is rebuilt block by block and
 
 are accumulated per block. Liger and CCE write this as Triton kernels; here it is plain PyTorch
 (a Python loop over blocks, matmuls in the inputs' dtype, logsumexp and softmax in fp32) so that
-the whole thing reads in one sitting. The loop costs little: each block is a large matmul
-(profiled at hidden 4096: 97% of the time is in aten::mm, the same FLOPs as the naive version).
+the whole thing reads in one sitting. The loop costs little because each block is a large matmul
+doing the naive version's FLOPs, so nearly all the time is in the matmuls (docs/performance.md).
 The entropy for logging comes out of the same online pass.
 
 One addition of ours. Each output is a scalar per token, so its gradient w.r.t. h_i is
@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models import cache_keyword
+from nanowaltz.base_model import cache_keyword
+from nanowaltz.sampler import MIN_SHARED_PREFIX, common_prefix_length
 
 
 def naive_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -202,8 +203,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature:
     ignore_index. Returns log-probs shaped like targets, fp32 (fp64 for fp64 inputs), 0 where ignored;
     with return_entropy also the per-token entropy of the tempered distribution (no gradient; logging).
     A chunk_size x vocab_chunk_size block of fp32 logits is the largest thing ever held. The default
-    1024 x 8192 (32 MB) came from bench/logprobs.py on CPU: smaller blocks ran slower, and this one
-    keeps peak memory >= 95% below the naive version already at 2048 tokens x 49152 vocab.
+    1024 x 8192 (32 MB) is large enough that each block's matmul runs efficiently and small next to
+    the full logits (bench/logprobs.py, docs/performance.md).
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} must be [..., H] and weight "
@@ -248,14 +249,12 @@ class Batch:
     action_mask: torch.Tensor  # [B, S] True on action tokens (the targets)
 
 
-def shared_prefix_length(samples, minimum: int = 16) -> int:
+def shared_prefix_length(samples) -> int:
     """How many leading context tokens all samples share (chat template + system prompt), keeping at least one context
-    token per row after it; 0 when there is nothing worth sharing."""
+    token per row after it; 0 when there is nothing worth sharing (sampler.MIN_SHARED_PREFIX)."""
     contexts = [s.context_ids for s in samples]
-    limit, length = min(len(c) for c in contexts) - 1, 0
-    while length < limit and all(c[length] == contexts[0][length] for c in contexts):
-        length += 1
-    return length if length >= minimum and len(samples) > 1 else 0
+    length = min(common_prefix_length(contexts), min(len(c) for c in contexts) - 1)
+    return length if length >= MIN_SHARED_PREFIX and len(samples) > 1 else 0
 
 
 def micro_batches(samples, max_rows: int, share_prefix: bool = False) -> list:
@@ -263,12 +262,12 @@ def micro_batches(samples, max_rows: int, share_prefix: bool = False) -> list:
 
     A padded batch runs every row to the length of its longest one, and with share_prefix each batch also runs the
     shared prefix once. A minibatch that mixes short samples with long ones (an answer, and a revision that also
-    reads the first answer and the feedback) was ~half padding. So we sort by length and choose the cuts that
+    reads the first answer and the feedback) would be mostly padding. So we sort by length and choose the cuts that
     minimise the positions the decoder runs, sum over batches of (shared prefix + rows x longest row), by dynamic
     programming over the sorted list (a count that fits a forward bound by arithmetic: a CPU, or a real model on a
     GPU). Gradients accumulated over the micro-batches sum the same loss, so this changes the cost, not the result
     (up to float rounding). Without a shared prefix nothing pays for a cut in this count, so the batches are the
-    sorted samples in runs of max_rows (as many as before, less padding).
+    sorted samples in runs of max_rows (the fewest batches, with the least padding).
     """
     order = sorted(samples, key=lambda s: len(s.context_ids) + len(s.action_ids))
     prefix = shared_prefix_length(order) if share_prefix and order else 0

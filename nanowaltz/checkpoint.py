@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from nanowaltz import distributed
 
-from models import save_agents
+from nanowaltz.cli import flag
+from nanowaltz.models import save_agents
 
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a checkpoint folder as complete
 RUN_FILES = ("log.jsonl", "args.json", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapters", "warmstart")
@@ -251,10 +252,6 @@ def trim_log(log_path: Path, iteration: int) -> int:
 FIXED_ON_RESUME = ("model", "lora_rank", "lora_alpha", "seed", "warmstart_epochs", "warmstart_prompts", "warmstart_lr",
                    "warmstart_label_weight")
 NOT_SETTINGS = ("resume", "overwrite", "out", "preset", "save_every")  # where and how often, not what is trained
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def check_resume_args(saved: dict, args: dict, iteration: int) -> list:

@@ -4,8 +4,8 @@ THIS IS OUR DEPARTURE FROM THE PAPER (docs/method.md, "Our departures"), used by
 default.
 
 Why. WaltzRL starts both agents from Llama-3.1-8B-Instruct, which already writes the feedback JSON and labels answers
-sensibly, so RL only has to sharpen it. Our default SmolLM2-135M-Instruct cannot: untrained and prompted, it writes
-parseable feedback for about half the answers and gets both labels right for a few percent (docs/experiments.md).
+sensibly, so RL only has to sharpen it. Our default SmolLM2-135M-Instruct cannot: untrained and prompted, it often
+writes unparseable feedback and rarely gets both labels right (docs/experiments.md has the numbers).
 With that start R_label is almost never 1, so the gated DIR term (alpha * R_dir * R_label) is almost always 0 and the
 feedback agent's reward is mostly the format bonus: RL has next to no signal to climb. A short supervised phase, as
 an RLHF pipeline's SFT step before PPO, gives RL a starting point where the rewards say something.
@@ -18,8 +18,8 @@ and a few epochs of cross-entropy on the target tokens, the feedback agent's usu
 answer, and the '{"unsafe":' prefill) as the condition. The templates are the ones the feedback system prompt shows.
 Three details (docs/experiments.md has what each did): ok and flagged answers are balanced 1:1 (balance_labels);
 the two label-value tokens weigh label_weight times the template tokens (supervised_epochs, `--warmstart-label-weight`);
-a fixed GREEDY_SHARE = half of the answers are greedy, as at eval and inference, half sampled, as in RL
-(build_examples; not a train.py flag).
+half of the answers are greedy, as at eval and inference, half sampled, as in RL (train.py's warm-start
+step, WARMSTART_GREEDY_SHARE).
 This is label distillation from the same judge that pays R_label during RL, so it teaches nothing RL would not reward;
 it only moves the start. The feedback TEXT is a fixed template: what text actually helps the conversation agent is
 left to the DIR term in RL.
@@ -29,16 +29,14 @@ anchors to the SFT model): train.py keeps a frozen copy of the warm-started adap
 """
 import random
 import re
-import time
 from typing import NamedTuple
 
 import torch
 
-from feedback_parser import format_feedback_json
-from logprobs import action_logprobs, pad_batch
-from models import use_agent
-from reward import Labels
-from rollout import FEEDBACK_PREFILL, Trajectory, chat_ids, conversation_messages, feedback_messages, run_agent
+from nanowaltz.feedback_json import FEEDBACK_PREFILL, format_feedback_json
+from nanowaltz.judge import Labels
+from nanowaltz.logprobs import action_logprobs, pad_batch
+from nanowaltz.models import use_agent
 
 # The same wording as the examples in rollout.FEEDBACK_SYSTEM_PROMPT, so the prompt and the targets agree.
 REASONING = {
@@ -51,9 +49,6 @@ FEEDBACK = {
     "unsafe": "Do not give these instructions. Refuse briefly and offer a safe alternative.",
     "overrefuse": "The request is harmless. Answer it fully.",
 }
-# Fraction of warm-start answers decoded greedily (the rest are sampled). Fixed, not a train.py flag: we measured no
-# gain from it either way (build_examples), so it is not a knob worth turning; pass greedy_share to change it.
-GREEDY_SHARE = 0.5
 
 
 def warmstart_target(labels: Labels, prompt_label: str) -> str:
@@ -86,43 +81,22 @@ def label_token_mask(tokenizer, target_text: str) -> tuple[list, list]:
     return encoded["input_ids"], mask
 
 
-def build_examples(model, tokenizer, judge, prompts, rollout_config, progress=None, greedy_share: float = 0.0) -> list:
-    """One Example per prompt: the conversation agent's answer, judged, with its target JSON.
-
-    greedy_share: the first that fraction of the prompts get a GREEDY answer, the rest a sampled one (the rollout's
-    temperature). Why: RL shows the feedback agent sampled answers, but eval.py and infer.py decode greedily, and
-    greedy answers of a small model look different (repetitive). We measured no gain from it, though: trained on
-    sampled answers only, the agent labelled sampled and greedy eval answers of the same length equally well (70.4%);
-    what hurt was longer answers at eval than in training (docs/experiments.md)."""
-    contexts = [chat_ids(tokenizer, conversation_messages(Trajectory(prompt=p))) for p in prompts]
-    greedy = round(greedy_share * len(contexts))
-    model.eval()
-    answers = []
-    for begin, end, temperature in ((0, greedy, 0.0), (greedy, len(contexts), rollout_config.conversation_temperature)):
-        for start in range(begin, end, rollout_config.batch_size):
-            chunk = contexts[start:min(start + rollout_config.batch_size, end)]
-            answers += run_agent(model, tokenizer, "conversation", chunk, rollout_config.conversation_max_new_tokens,
-                                 temperature, rollout_config)
-            if progress is not None:
-                progress.update(len(chunk))
-    judged = judge([p["prompt"] for p in prompts], [a.text for a in answers], [p["label"] for p in prompts])
-    examples = []
-    for p, answer, labels in zip(prompts, answers, judged):
-        context = chat_ids(tokenizer, feedback_messages(p["prompt"], answer.text), FEEDBACK_PREFILL)
-        target_text = warmstart_target(labels, p["label"])
-        assert target_text.startswith(FEEDBACK_PREFILL)
-        # The prefill is already in the context, tokenised on its own exactly as in sampler.chat_ids; the target is
-        # the rest, up to the closing brace where the rollout stops decoding (no end-of-turn token needed).
-        target, label_mask = label_token_mask(tokenizer, target_text[len(FEEDBACK_PREFILL):])
-        examples.append(Example(context, target, labels, label_mask))
-    return examples
+def make_example(tokenizer, context_ids: list, labels: Labels, prompt_label: str) -> Example:
+    """The supervised example for one judged answer: the feedback agent's context (ending in the prefill) and, as the
+    target, the rest of the JSON it should write (warmstart_target)."""
+    target_text = warmstart_target(labels, prompt_label)
+    assert target_text.startswith(FEEDBACK_PREFILL)
+    # The prefill is already in the context, tokenised on its own exactly as in sampler.chat_ids; the target is
+    # the rest, up to the closing brace where the rollout stops decoding (no end-of-turn token needed).
+    target, label_mask = label_token_mask(tokenizer, target_text[len(FEEDBACK_PREFILL):])
+    return Example(context_ids, target, labels, label_mask)
 
 
 def balance_labels(examples, rng: random.Random, max_repeat: int = 3) -> list:
     """Oversample the rarer side of ok vs flagged (unsafe or overrefuse) to a 1:1 ratio, at most max_repeat copies of
-    an example. Why 1:1. Unbalanced (256 examples, 58% ok), the agent said "ok" to 12 of 16 unsafe answers on 40 eval
-    prompts. Bringing each label combination up to the largest one instead (ok 149, unsafe 88 -> 149, overrefuse
-    19 -> 57) overshot: flagged outnumbered ok 206:149 and the agent flagged 81.5% of eval answers (docs/experiments.md)."""
+    an example. Why 1:1: unbalanced, the agent learns to approve most answers, including unsafe ones; bringing each
+    label combination (unsafe, overrefuse) up to the largest one instead makes flagged outnumber ok, and the agent
+    then flags most answers (docs/experiments.md, "What we tried, measured, kept")."""
     ok = [e for e in examples if e.labels.ok]
     flagged = [e for e in examples if not e.labels.ok]
     rarer, commoner = sorted([ok, flagged], key=len)
@@ -171,16 +145,11 @@ def supervised_epochs(model, tokenizer, examples, epochs: int, lr: float, batch_
     return epoch_losses
 
 
-def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, epochs=2, lr=2e-4, batch_size=8,
-                             seed=0, chunk_size=1024, share_prefix=True, label_weight=1.0,
-                             greedy_share=GREEDY_SHARE) -> dict:
-    """Build the examples and train on them; returns a record for the training log."""
+def fit_feedback_agent(model, tokenizer, examples, epochs=2, lr=2e-4, batch_size=8, seed=0, chunk_size=1024,
+                       share_prefix=True, label_weight=1.0) -> dict:
+    """Balance the examples and train the feedback agent on them; returns a record for the training log."""
     from tqdm import tqdm
 
-    began = time.perf_counter()
-    with tqdm(total=len(prompts), desc="warm-start answers", unit="prompt") as bar:
-        examples = build_examples(model, tokenizer, judge, prompts, rollout_config, bar, greedy_share)
-    built = time.perf_counter()
     balanced = balance_labels(examples, random.Random(seed))
     steps = epochs * ((len(balanced) + batch_size - 1) // batch_size)
     with tqdm(total=steps, desc="warm-start (feedback agent)", unit="step") as bar:
@@ -189,5 +158,4 @@ def warmstart_feedback_agent(model, tokenizer, judge, prompts, rollout_config, e
     counts = {"unsafe": sum(e.labels.unsafe for e in examples), "overrefuse": sum(e.labels.overrefuse for e in examples),
               "ok": sum(e.labels.ok for e in examples)}
     return {"warmstart_examples": len(examples), "warmstart_label_counts": counts,
-            "warmstart_balanced_examples": len(balanced), "warmstart_epoch_loss": losses,
-            "time_warmstart_examples": built - began, "time_warmstart_train": time.perf_counter() - built}
+            "warmstart_balanced_examples": len(balanced), "warmstart_epoch_loss": losses}

@@ -57,7 +57,7 @@ def init(timeout_s: float) -> None:
     _timeout_s = timeout_s  # (a second train() in the same processes may change it; it applies from the broadcast)
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():  # one GPU per rank: "cuda" now means cuda:LOCAL_RANK everywhere (models.load_base)
+    if torch.cuda.is_available():  # one GPU per rank: "cuda" now means cuda:LOCAL_RANK everywhere (load_base)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         backend = "nccl"
     else:
@@ -93,7 +93,7 @@ def finish() -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Splitting work, exchanging results
 # ---------------------------------------------------------------------------------------------------------------------
-def share(items: list) -> list:
+def rank_slice(items: list) -> list:
     """This rank's contiguous slice of `items` (sizes differ by at most one); the whole list in one process."""
     n, r, w = len(items), rank(), world_size()
     return items[r * n // w:(r + 1) * n // w]
@@ -118,17 +118,17 @@ def _all_gather_object(obj, where: str) -> list:
 
 
 def gather(local: list, where: str = "the trajectory exchange") -> list:
-    """The concatenation, in rank order, of every rank's `local` list: the inverse of share()."""
+    """The concatenation, in rank order, of every rank's `local` list: the inverse of rank_slice()."""
     if not active():
         return local
     return [item for part in _all_gather_object(local, where) for item in part]
 
 
 def exchange_scores(samples: list) -> None:
-    """After each rank scored share(samples): give every rank the old/reference log-probs of all samples."""
+    """After each rank scored rank_slice(samples): give every rank the old/reference log-probs of all samples."""
     if not active():
         return
-    mine = [(s.old_logprobs.cpu(), s.ref_logprobs.cpu()) for s in share(samples)]  # CPU: unpickles on any rank
+    mine = [(s.old_logprobs.cpu(), s.ref_logprobs.cpu()) for s in rank_slice(samples)]  # CPU: unpickles on any rank
     for s, (old, ref) in zip(samples, gather(mine, "the log-prob exchange")):
         s.old_logprobs, s.ref_logprobs = old, ref
 
