@@ -53,12 +53,12 @@ import torch
 
 from infer import generation_limits, inference_config, reply_from_trajectory
 from nanowaltz.cli import flag, parse
-from nanowaltz.evaluation import (CachedJudge, in_chunks, load_finished, markdown_report, mean_with_ci, progress,
-                                  save_system, system_settings, writable_folder, write_reports)
+from nanowaltz.evaluation import (CachedJudge, check_earlier_evaluation, in_chunks, load_finished, markdown_report,
+                                  mean_with_ci, progress, save_system, system_settings, writable_folder, write_reports)
 from nanowaltz.feedback_json import FEEDBACK_PREFILL, ParsedFeedback, parse_feedback
 from nanowaltz.model_card import add_evaluation
 from nanowaltz.base_model import DEFAULT_MODEL, context_window, load_base
-from nanowaltz.models import AGENTS, attach_agents, check_saved_adapter, load_agents, reference_policy
+from nanowaltz.models import AGENTS, attach_agents, check_adapters, load_agents, reference_policy
 from rollout import (RolloutConfig, Trajectory, Turn, chat_ids, conversation_messages, feedback_messages,
                      judge_trajectories, longest_contexts, rollout, run_agent)
 
@@ -99,6 +99,8 @@ class EvalArgs:
         # kept in <out>/systems/ as soon as it completes
     resume: bool = False  # reuse the systems an interrupted run with the same settings finished (<out>/systems/) and
         # evaluate only the others
+    overwrite: bool = False  # discard the finished systems of an earlier evaluation in --out (without --resume or
+        # this, such an --out is refused)
     rejudge: str | None = None  # generate nothing: re-label the answers stored in this earlier results.json with
         # --judge (e.g. a judge that training did not use) and write the new tables to --out
 
@@ -129,8 +131,8 @@ class EvalArgs:
             if missing:
                 raise SystemExit(f"{flag(name)} {folder}: no saved adapter for {missing} "
                                  f"(expected {folder}/<agent>/adapter_config.json, the output of train.py)")
-            for agent in AGENTS if folder else ():  # readable, not only present: a truncated file fails now, not later
-                check_saved_adapter(Path(folder) / agent)
+            if folder:  # readable and as saved (checksums), not only present: a damaged file fails now, not later
+                check_adapters(folder)
         self.max_new_tokens, self.feedback_max_new_tokens = generation_limits(
             self.adapters or self.single_agent_adapters, self.max_new_tokens, self.feedback_max_new_tokens)
         for name in ("max_new_tokens", "feedback_max_new_tokens", "batch_size", "bootstrap"):
@@ -140,6 +142,8 @@ class EvalArgs:
             raise SystemExit(f"--limit must be >= 1, got {self.limit}")
         if self.temperature < 0:
             raise SystemExit(f"--temperature must be >= 0, got {self.temperature}")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume and --overwrite exclude each other: reuse the finished systems, or discard them")
 
     def adapters_of(self, system: str) -> str | None:
         return self.adapters if system == "waltzrl" else self.single_agent_adapters if system in SINGLE_AGENT_SYSTEMS \
@@ -399,7 +403,7 @@ def rejudge(results: dict, judge, n_resamples: int, seed: int) -> dict:
                  overrefuse=final.overrefuse)
     for system in results["systems"].values():
         system["metrics"] = summarize(system["records"], n_resamples, seed)
-    results["judge"] = getattr(judge, "name", str(judge))
+    results["judge"] = judge.labelled_by() if hasattr(judge, "labelled_by") else getattr(judge, "name", str(judge))
     return results
 
 
@@ -455,7 +459,8 @@ def results_of(args: EvalArgs, prompts, judge, records: dict, seconds: float) ->
     return {"prompts": f"{args.prompts} (split {args.split})", "n_prompts": len(prompts),
             "n_harmful": sum(p["label"] == "harmful" for p in prompts),
             "n_benign": sum(p["label"] == "benign" for p in prompts),
-            "judge": getattr(judge, "name", args.judge), "safeguard": safeguard, "seed": args.seed,
+            "judge": judge.labelled_by() if hasattr(judge, "labelled_by") else getattr(judge, "name", args.judge),
+            "safeguard": safeguard, "seed": args.seed,
             "bootstrap_resamples": args.bootstrap, "batch_size": args.batch_size,
             "config": asdict(args), "wall_seconds": seconds,
             "systems": {name: {"metrics": summarize(rows, args.bootstrap, args.seed), "records": rows}
@@ -473,6 +478,7 @@ def main(argv=None) -> int:
     prompts = evaluation_prompts(args)
     out = writable_folder(args.out)
     store = out / "systems"  # each system's records, written as it completes
+    check_earlier_evaluation(store, args.resume, args.overwrite)
     settings_of = lambda system: system_settings(args, prompts, args.adapters_of(system))  # noqa: E731
     finished = load_finished(store, systems, settings_of) if args.resume else {}
 
@@ -482,6 +488,8 @@ def main(argv=None) -> int:
     config = inference_config(args.temperature, args.max_new_tokens, args.feedback_max_new_tokens,
                               batch_size=args.batch_size)
     check_prompts_fit(args, prompts, tokenizer, context_window(base), config)
+    for folder in {args.adapters_of(system) for system in systems} - {None}:
+        check_adapters(folder, base)  # made for this base model: checked now, not after every other system has run
     model = attach_agents(base)  # fresh zero-init adapters = the untrained prompted agents
     if not args.resume:
         for stale in store.glob("*.json"):  # an earlier run's records must not pass for this run's

@@ -57,8 +57,10 @@ import torch
 from nanowaltz import distributed, warmstart
 from nanowaltz.base_model import DEFAULT_MODEL, context_window
 from nanowaltz.cli import flag, parse
+from nanowaltz.judge import DEFAULT_MAX_UNPARSED
 from nanowaltz.logprobs import action_logprobs, micro_batches, pad_batch
-from nanowaltz.models import AGENTS, adapter_parameters, load_reference_copy, reference_policy, save_agents, use_agent
+from nanowaltz.checkpoint import save_agents_whole
+from nanowaltz.models import AGENTS, adapter_parameters, load_reference_copy, reference_policy, use_agent
 from nanowaltz.training_run import TrainingLoop, load_run, print_summary, start_run, write_log
 from reward import DEFAULT_ALPHA, DEFAULT_GAMMA, LAMBDA_STAGE1, LAMBDA_STAGE2, trajectory_rewards
 from rollout import (FEEDBACK_PREFILL, RolloutConfig, Trajectory, chat_ids, conversation_messages, feedback_messages,
@@ -78,7 +80,18 @@ class Args:
     prompts: str = "data/prompts.jsonl"  # training prompts: a JSONL file (nanowaltz/data.py format) or a public
         # benchmark name
     split: str = "train"  # which split of the prompt file to train on
-    judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + refusal detector
+    judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + refusal detector,
+        # 'default:phrase', 'default:prefix', 'hf:<model>' (on a GPU: hf:allenai/wildguard),
+        # 'http://host:port/v1#<model>'
+    judge_dtype: str = "auto"  # {auto,bf16,fp32} compute dtype of an hf: judge, loaded on the training model's device
+        # (auto: bf16 on a CUDA GPU, else fp32)
+    judge_4bit: bool = False  # load an hf: judge with NF4 4-bit weights (bitsandbytes): a 7B judge in ~4.5 GB, not 14.5
+    judge_batch_size: int | None = None  # items per generate call of an hf: judge (default 16), concurrent requests
+        # of an http judge (default 4)
+    judge_family: str = "auto"  # {auto,wildguard,llama-guard,instruct} the judge's input and answer format (auto: by
+        # its hub id or its chat template; nanowaltz/judge.py)
+    judge_max_unparsed: float = DEFAULT_MAX_UNPARSED  # stop the run when more than this share of one judge call's
+        # outputs do not parse (their labels would silently come from the default judge)
     out: str = "runs/waltzrl"  # output folder: log.jsonl, checkpoint/, final adapters in adapters/
     preset: str = ""  # 'cpu': the longer CPU run of README "Results" (overrides the schedule defaults below)
     seed: int = 0  # random seed (sampling, minibatch order, type A/B choice)
@@ -272,7 +285,8 @@ def warm_start(run, args, rng) -> None:
                                               args.warmstart_label_weight)
         record.update(time_warmstart_examples=built - began, time_warmstart_train=time.perf_counter() - built)
         if distributed.is_main():  # distributed: every rank warm-started the same way; rank 0 writes
-            save_agents(run.model, warm_dir)  # both adapters: `eval.py --adapters <out>/warmstart` = warm-start only
+            # both adapters, swapped in whole: `eval.py --adapters <out>/warmstart` = warm-start only
+            save_agents_whole(run.model, warm_dir)
             write_log(run, {"iteration": 0, "stage": 0, **record})
     distributed.barrier("the warm-start save")  # distributed: the others read warm_dir below
     if not (warm_dir / "feedback" / "adapter_config.json").exists():
@@ -299,9 +313,15 @@ def collect_trajectories(run, args, iteration, rng) -> tuple:
     began = time.perf_counter()
     with distributed.stop_all_on_error("judging"):  # distributed: judges this rank's slice
         judge_trajectories(run.judge, trajectories)
+    timing = {"tokens_per_s": generated / max(rollout_seconds, 1e-9), "time_rollout": rollout_seconds,
+              "time_judge": time.perf_counter() - began}
+    if hasattr(run.judge, "last_unparsed"):  # a model judge: how many of its outputs took the fallback labels
+        timing.update(judge_unparsed=run.judge.last_unparsed, judge_items=run.judge.last_items)
+        distributed.sum_over_ranks(timing, ("judge_unparsed", "judge_items"))  # distributed: the whole batch
+    if hasattr(run.judge, "device"):
+        timing["judge_device"] = str(run.judge.device)
     trajectories = distributed.gather(trajectories)  # distributed: from here on, the whole batch on every rank
-    return trajectories, {"tokens_per_s": generated / max(rollout_seconds, 1e-9), "time_rollout": rollout_seconds,
-                          "time_judge": time.perf_counter() - began}
+    return trajectories, timing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,6 +431,9 @@ def score_samples(model, samples, agent, args, pad_id, device):
 def update_agent(model, optimizer, agent, samples, args, pad_id, device, rng) -> dict:
     """PPO epochs over one agent's samples; returns averaged statistics for the log."""
     use_agent(model, agent)
+    # Training mode whatever ran before (a rollout, the warm-start, the periodic eval and peft's load_adapter all leave
+    # the model in eval mode): transformers checkpoints a layer only in training mode (--gradient-checkpointing).
+    model.train()
     params = adapter_parameters(model, agent)
     totals = {"kl": 0.0, "clipped": 0.0, "policy_loss": 0.0, "loss": 0.0, "entropy": 0.0, "tokens": 0,
               "grad_norm": 0.0, "steps": 0, "skipped_steps": 0}

@@ -113,14 +113,28 @@ def resolve_model(model: str) -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def compute_dtype(dtype: str | None, device: str) -> torch.dtype:
+def compute_dtype(dtype: str | None, device: str, flag: str = "--dtype") -> torch.dtype:
     """'auto' (or None): bf16 on a CUDA GPU that has it, else fp32 (bf16 matmuls are slow on most CPUs); 'bf16'; 'fp32'.
     bf16 on a CPU is what a GPU computes in, at CPU speed: the tests use it to check the GPU's number format."""
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in DTYPES:
-        raise SystemExit(f"--dtype: unknown compute dtype '{dtype}' (known: auto, {', '.join(DTYPES)})")
+        raise SystemExit(f"{flag}: unknown compute dtype '{dtype}' (known: auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
+
+
+def from_pretrained_kwargs(load_in_4bit: bool, dtype: torch.dtype, device: str) -> dict:
+    """from_pretrained's keywords for a frozen model in `dtype`; with load_in_4bit, NF4 weights with double-quantised
+    scales (QLoRA, Dettmers et al. 2023), quantised straight onto `device` as they load (never a bf16 copy there)."""
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+        kwargs["device_map"] = {"": device}
+    return kwargs
 
 
 def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, device: str | None = None,
@@ -137,14 +151,7 @@ def load_base(model: str = DEFAULT_MODEL, load_in_4bit: bool | None = None, devi
         load_in_4bit = device.startswith("cuda")
     dtype = compute_dtype(dtype, device)
     path = resolve_model(model)
-    kwargs = {"dtype": dtype}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
-        )
-        kwargs["device_map"] = {"": device}
+    kwargs = from_pretrained_kwargs(load_in_4bit, dtype, device)
     # A path-like name that is not there would otherwise surface as a confusing "Repo id must be in the form ...".
     if (os.path.isabs(path) or path.startswith((".", "~"))) and not Path(path).expanduser().exists():
         raise SystemExit(f"Could not load model '{model}': local folder {path} does not exist")

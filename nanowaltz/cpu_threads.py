@@ -25,10 +25,21 @@ OMP_WAIT_POLICY=PASSIVE and OMP_NUM_THREADS).
 Rules: OpenMP reads these variables once, when torch is loaded, so this module must be imported before torch (each
 entry point imports it first). It only decides when you have not: export OMP_WAIT_POLICY, GOMP_SPINCOUNT or
 KMP_BLOCKTIME yourself and nothing is added; export OMP_NUM_THREADS and the thread count is yours. On systems
-without /proc/stat nothing is set. `CHOICE` records what was decided and why.
+without /proc/stat nothing is set. `CHOICE` records what was decided and why; `describe()` says it at start.
+
+The thread count changes results, not only speed: a kernel's reductions are split over the threads, so 1 and 2
+threads round differently and a run drifts apart within a few iterations (the wait policy changes only speed). A run
+therefore records what its numbers depend on (`numerics_record`: threads, wait policy, ranks, CPU, device, package
+versions) in its checkpoints, args.json and eval.py's results.json; `--resume` reuses the recorded thread count
+(`reuse_threads`) and names whatever else differs (`numerics_differences`).
+
+Being the first import of every entry point, this module also makes a Ctrl-C that lands while the libraries load
+(before an entry point's own handling) end with one line instead of a traceback.
 """
 import math
 import os
+import platform
+import sys
 import time
 
 BUSY_CORES = 0.25  # other processes' CPU use, in cores, from which our threads sleep instead of spinning
@@ -91,5 +102,83 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def describe() -> str:
+    """The thread count and wait policy in force, and why: the line a run prints at start."""
+    import torch
+
+    threads = torch.get_num_threads()
+    return f"CPU threads: {threads}, {wait_policy()} (the choice at start: {CHOICE})"
+
+
+def wait_policy() -> str:
+    return ("sleeping while they wait" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+            else "spinning while they wait")
+
+
+def cpu_kind() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numerics_record(world_size: int = 1, device="cpu") -> dict:
+    """What a run's numbers depend on beyond its settings and seed, for its checkpoints and reproducibility records."""
+    import peft
+    import torch
+    import transformers
+
+    device = str(device)
+    return {"threads": torch.get_num_threads(), "wait_policy": wait_policy(), "thread_choice": CHOICE,
+            "world_size": world_size, "cpu": cpu_kind(),
+            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+# How each recorded difference shows in the results (thread_choice is the reason, not a number that matters).
+EFFECT = {"threads": "other rounding", "wait_policy": "speed only", "world_size": "other sampling noise per rank",
+          "cpu": "other rounding", "device": "other rounding", "python": "", "torch": "other kernels",
+          "transformers": "", "peft": ""}
+
+
+def numerics_differences(saved: dict | None, now: dict) -> list:
+    """'name old -> new (effect)' for each recorded item that differs between a run's record and this process's."""
+    saved = saved or {}
+    return [f"{name} {saved[name]} -> {now[name]}" + (f" ({EFFECT[name]})" if EFFECT[name] else "")
+            for name in EFFECT if name in saved and name in now and saved[name] != now[name]]
+
+
+def reuse_threads(saved: dict | None) -> str | None:
+    """--resume: run with the thread count recorded by the checkpoint's run (whatever this machine's load chose),
+    unless the user exported OMP_NUM_THREADS; returns a line saying what changed, or None."""
+    import torch
+
+    if not saved or "threads" not in saved or saved["threads"] == torch.get_num_threads():
+        return None
+    now = torch.get_num_threads()
+    if USER_THREADS:
+        return (f"OMP_NUM_THREADS={now} is yours, the checkpoint's run had {saved['threads']} thread(s): results will "
+                f"round differently from an uninterrupted run")
+    torch.set_num_threads(saved["threads"])
+    return f"{saved['threads']} CPU thread(s), as in the checkpoint's run (this machine's choice now: {now}, {CHOICE})"
+
+
+def quiet_interrupt(kind, value, traceback) -> None:
+    """sys.excepthook: an uncaught Ctrl-C (while the libraries load) ends with one line; anything else as usual.
+    Python still exits with the status of SIGINT (130)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("\nInterrupted (Ctrl-C)", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
+USER_THREADS = "OMP_NUM_THREADS" in os.environ  # the user's own count, before apply() may set one
+sys.excepthook = quiet_interrupt
 CHOICE = ""
 apply()

@@ -62,6 +62,16 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+def unicode_problem(text: str) -> str | None:
+    """What makes `text` unusable as model input, or None: a lone surrogate (JSON's "\\ud800", or an invalid byte
+    that Python carried into a string) is valid JSON but not Unicode text, and no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid Unicode text (a lone surrogate {text[err.start]!r} at character {err.start + 1})"
+    return None
+
+
 def _record_problem(obj, first_line_of_id: dict) -> str | None:
     """What is wrong with one decoded line of our format, or None if it is a valid record."""
     if not isinstance(obj, dict):
@@ -79,6 +89,10 @@ def _record_problem(obj, first_line_of_id: dict) -> str | None:
         return f"split must be train|eval|test, got {obj['split']!r}"
     if not obj["prompt"].strip():
         return "empty prompt"
+    for field in FIELDS:
+        problem = unicode_problem(obj[field])
+        if problem:
+            return f"field '{field}' is {problem}"
     if obj["id"] in first_line_of_id:
         return f"duplicate id {obj['id']!r} (first seen on line {first_line_of_id[obj['id']]})"
     return None
@@ -148,6 +162,8 @@ def map_benchmark_row(name: str, config: str | None, row: dict, number: int, spl
     if not (text or "").strip():
         warnings.warn(f"{where}, row {number}: empty prompt, skipped")
         return None
+    if unicode_problem(text):
+        raise PromptFileError(f"{where}, row {number}: the prompt is {unicode_problem(text)}")
     return {"id": f"{prefix}-{number:04d}", "prompt": text, "label": label,
             "category": "" if category is None else str(category), "split": split}
 

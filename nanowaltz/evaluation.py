@@ -120,18 +120,28 @@ def pareto_plot(results: dict, path) -> None:
 
 
 def write_reports(results: dict, out_dir) -> dict:
-    """results.json, results.md and pareto.png into out_dir; returns their paths."""
+    """results.json, results.md and pareto.png into out_dir, each replaced whole (a reader never sees half a
+    file); returns their paths."""
+    from nanowaltz.checkpoint import write_whole
+    from nanowaltz.cpu_threads import numerics_record
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "pareto.png"}
-    paths["json"].write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    paths["markdown"].write_text(markdown_report(results))
-    pareto_plot(results, paths["plot"])
+    results.setdefault("numerics", numerics_record())  # what the numbers depend on (an earlier one for --rejudge)
+    write_whole(paths["json"], json.dumps(results, indent=1, ensure_ascii=False))
+    write_whole(paths["markdown"], markdown_report(results))
+    part = out_dir / "pareto.part.png"
+    pareto_plot(results, part)
+    part.replace(paths["plot"])
     return paths
 
 
 def writable_folder(path: str) -> Path:
-    """--out, created and checked writable before any generation (not after an hour of it)."""
+    """--out, created, checked writable and locked for this process (checkpoint.lock_out) before any generation (not
+    after an hour of it): a second evaluation or a training run into the same folder stops, naming this one."""
+    from nanowaltz.checkpoint import lock_out
+
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +150,15 @@ def writable_folder(path: str) -> Path:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"--out {path}: cannot write there ({err.strerror or err})") from None
-    return folder
+    return lock_out(folder, "eval.py")
+
+
+def check_earlier_evaluation(store: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to discard the finished systems of an earlier evaluation in --out unless asked (--overwrite)."""
+    found = sorted(p.stem for p in store.glob("*.json"))
+    if found and not resume and not overwrite:
+        raise SystemExit(f"--out {store.parent} holds an earlier evaluation's finished systems ({', '.join(found)}): "
+                         f"--resume reuses those evaluated with the same settings, --overwrite discards them")
 
 
 

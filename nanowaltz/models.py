@@ -15,41 +15,27 @@ in the paper where both agents are initialised from the same checkpoint.
 Departures from the paper: the paper fine-tunes all weights of two Llama-3.1-8B-Instruct copies; we train LoRA
 adapters on a shared (optionally 4-bit) base. Loading that base (the embedded default, 4-bit, dtypes, library
 version differences) is base_model.py's.
+
+Saved adapters carry a manifest (`manifest.json`, written last): the base model they were trained on and a checksum
+of each agent's weights and config. Loading checks a folder against it and against the base model's layer shapes
+before peft sees it (`check_adapters`), so a damaged file, a pair mixed from two saves, or adapters of another base
+model are a one-line error, not a silent load or a library traceback.
 """
+import hashlib
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from nanowaltz.base_model import (DEFAULT_MODEL, GGUF_FILE, base_model_id, is_converted_default, load_base,
                                   quiet_peft_wrapping)
 from nanowaltz.model_card import adapter_card, pair_card
 
 AGENTS = ("conversation", "feedback")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+MANIFEST = "manifest.json"  # written last by save_agents: its presence marks a saved pair as complete
+CHECKED_FILES = ("adapter_config.json", "adapter_model.safetensors")  # per agent, by checksum in the manifest
 
 
 def attach_agents(base, rank: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear"):
@@ -92,17 +78,13 @@ def reference_policy(model, agent: str | None = None):
 
 def load_reference_copy(model, agent: str, directory) -> None:
     """Load a saved adapter of `agent` as the frozen "<agent>_reference", its KL anchor from now on."""
-    check_saved_adapter(Path(directory) / agent)
+    check_adapters(directory, model, agents=(agent,))
     model.load_adapter(Path(directory) / agent, adapter_name=f"{agent}_reference", is_trainable=False)
 
 
 def adapter_parameters(model, name: str) -> list:
     """The trainable LoRA tensors of one agent (what its optimizer updates)."""
     return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
-
-
-
-
 
 
 def read_run_args(directory) -> dict:
@@ -141,6 +123,23 @@ def save_agents(model, directory, args: dict | None = None, eval_text: str = "")
         card = adapter_card(name, base_id, config, dequantised_from, args, eval_text)
         (directory / name / "README.md").write_text(card, encoding="utf-8")
     (directory / "README.md").write_text(pair_card(base_id), encoding="utf-8")  # replaces peft's empty template
+    write_manifest(directory, base_id)
+
+
+def file_digest(path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(directory, base_id: str) -> None:
+    """directory/manifest.json: the base model and the checksum of each agent's files (not the model cards, which
+    eval.py extends later). Written last and by a rename, so it exists only beside a complete pair."""
+    directory = Path(directory)
+    agents = {name: {f: file_digest(directory / name / f) for f in CHECKED_FILES if (directory / name / f).exists()}
+              for name in AGENTS}
+    part = directory / (MANIFEST + ".part")
+    part.write_text(json.dumps({"base_model": base_id, "agents": agents}, indent=2, sort_keys=True))
+    os.replace(part, directory / MANIFEST)
 
 
 def check_saved_adapter(folder) -> None:
@@ -171,13 +170,110 @@ def check_saved_adapter(folder) -> None:
             from None
 
 
+def read_manifest(directory) -> dict | None:
+    """A pair's manifest.json; None when there is none (adapters saved by another tool); unreadable: an error."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["agents"]  # noqa: B018
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: unreadable adapter manifest ({err})") from None
+    return manifest
+
+
+_UNCHECKED = set()  # folders without a manifest that were warned about (once per process)
+
+
+def check_adapters(directory, base=None, agents=AGENTS) -> None:
+    """Everything that can be checked of saved adapters before peft loads them, each failure a one-line error naming
+    the file: each agent's files readable (check_saved_adapter); their checksums equal to the manifest's, so a damaged
+    file, a changed config or a pair mixed from two saves is refused; and with `base`, the base model they were
+    trained on and the shapes of the layers they adapt. Without a manifest only a warning says that nothing could be
+    checked against it."""
+    directory = Path(directory)
+    cut = [p.name for p in (directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old"))
+           if p.exists()]
+    if not directory.exists() and cut:
+        raise SystemExit(f"{directory} is missing and {cut[0]} is beside it: a run is replacing these adapters, or its "
+                         f"save was cut (train.py --resume finishes it)")
+    for name in agents:
+        check_saved_adapter(directory / name)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if directory not in _UNCHECKED:
+            _UNCHECKED.add(directory)
+            print(f"warning: {directory} has no {MANIFEST}: its adapters cannot be checked for damage or for the base "
+                  f"model they were trained on (not saved by nanowaltz?)", file=sys.stderr)
+    else:
+        for name in agents:
+            for file, digest in manifest["agents"].get(name, {}).items():
+                if file_digest(directory / name / file) != digest:
+                    raise SystemExit(f"{directory / name / file}: differs from the checksum in {directory / MANIFEST} "
+                                     f"(changed or damaged after saving, or from another save)")
+    if base is not None:
+        recorded = (manifest or {}).get("base_model")
+        for name in agents:
+            check_fits_base(directory / name, base, recorded)
+
+
+def base_id_of(model) -> str:
+    """base_model_id for a plain transformers model as well as a peft-wrapped one."""
+    return base_model_id(model if hasattr(model, "get_base_model") else SimpleNamespace(get_base_model=lambda: model))
+
+
+def same_model(recorded: str, current: str) -> bool:
+    """Two names of one base model: equal (a hub id's case aside), or one local folder reached by two paths."""
+    if recorded.lower() == current.lower():
+        return True
+    try:
+        return os.path.samefile(recorded, current)
+    except OSError:
+        return False
+
+
+def check_fits_base(folder, base, recorded: str | None = None) -> None:
+    """A one-line error unless the adapter in `folder` was trained on `base` (the manifest's record, else its
+    adapter_config.json's base_model_name_or_path) and its LoRA weights have the shapes of the layers they adapt."""
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    recorded = recorded or config.get("base_model_name_or_path")
+    current = base_id_of(base)
+    if recorded and not same_model(str(recorded), current):
+        raise SystemExit(f"{folder}: trained on the base model {recorded}, not on {current}; load it with the model it "
+                         f"was trained on (--model {recorded})")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        return
+    from safetensors import safe_open
+
+    model = base.get_base_model() if hasattr(base, "get_base_model") else base
+    rank = config.get("r")
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            path, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                continue
+            shape = tuple(f.get_slice(key).get_shape())
+            try:
+                layer = model.get_submodule(path)
+            except AttributeError:
+                raise SystemExit(f"{weights}: adapts {path}, which the base model {current} does not have") from None
+            layer = getattr(layer, "base_layer", layer)
+            want = (rank, layer.in_features) if kind == "A.weight" else (layer.out_features, rank)
+            if not config.get("rank_pattern") and shape != want:
+                raise SystemExit(f"{weights}: {key} has shape {list(shape)}, but r {rank} in adapter_config.json and "
+                                 f"the base model {current} need {list(want)}")
+
+
 def load_agents(base, directory, trainable: bool = True):
-    """Wrap `base` with the two adapters saved by save_agents (or by a training checkpoint)."""
+    """Wrap `base` with the two adapters saved by save_agents (or by a training checkpoint), checked first
+    (check_adapters)."""
     from peft import PeftModel
 
     directory = Path(directory)
-    for name in AGENTS:
-        check_saved_adapter(directory / name)
+    check_adapters(directory, base)
     with quiet_peft_wrapping():
         model = PeftModel.from_pretrained(base, directory / AGENTS[0], adapter_name=AGENTS[0], is_trainable=trainable)
     model.load_adapter(directory / AGENTS[1], adapter_name=AGENTS[1], is_trainable=trainable)
@@ -188,6 +284,8 @@ def load_agents(base, directory, trainable: bool = True):
 def load_agents_or_fresh(model_name: str = DEFAULT_MODEL, adapters=None, load_in_4bit=None, device=None, dtype=None,
                          **lora):
     """The usual entry point: base model + tokenizer, with saved adapters if given, else fresh (untrained) ones."""
+    if adapters:  # damaged files fail before the base model loads; the base model is checked once it has
+        check_adapters(adapters)
     base, tokenizer = load_base(model_name, load_in_4bit=load_in_4bit, device=device, dtype=dtype)
     model = load_agents(base, adapters) if adapters else attach_agents(base, **lora)
     return model, tokenizer

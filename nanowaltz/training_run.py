@@ -9,16 +9,18 @@ here so that train.py reads as the algorithm. Lines that take part in data-paral
 """
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from nanowaltz import distributed
-from nanowaltz.checkpoint import (StopSignals, check_resume_args, find_checkpoint, load_checkpoint, prepare_out,
-                                  read_checkpoint_state, rng_state, save_checkpoint, stop_and_save, trim_log)
+from nanowaltz import cpu_threads, distributed
+from nanowaltz.checkpoint import (StopSignals, check_resume_args, find_checkpoint, load_checkpoint, lock_out,
+                                  no_checkpoint, prepare_out, read_checkpoint_state, release_out, restore_log,
+                                  rng_state, save_agents_whole, save_checkpoint, save_on_stop, stop_and_save, trim_log,
+                                  write_whole)
 from nanowaltz.base_model import enable_activation_checkpointing, load_base
-from nanowaltz.models import adapter_parameters, attach_agents, load_agents, save_agents
+from nanowaltz.models import adapter_parameters, attach_agents, load_agents
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Run:
     optimizers: dict | None = None  # one AdamW per agent (start_run)
     device: object = None
     start: int = 0  # iterations done before this process started (--resume), else 0
+    log_rows: list = field(default_factory=list)  # the rows of log.jsonl so far (each checkpoint keeps a copy)
+    numerics: dict | None = None  # what the run's numbers depend on (cpu_threads.numerics_record)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -77,44 +81,68 @@ def make_optimizers(model, args) -> dict:
     }
 
 
-def resume_state(args, state, changed, optimizers, rng, log_path) -> int:
-    """--resume: the checkpoint's optimizer and RNG states, the log cut back to it; returns its iteration."""
+def resume_state(run: Run, args, rng) -> int:
+    """--resume: the checkpoint's optimizer and RNG states, the log as it was at the checkpoint; says what differs from
+    the checkpoint's run (settings, numerics); returns its iteration."""
+    state, optimizers = run.checkpoint_state, run.optimizers
     start = load_checkpoint(state, optimizers, rng)
     for name, lr in (("feedback", args.feedback_lr), ("conversation", args.conversation_lr)):
         for group in optimizers[name].param_groups:  # the checkpoint's learning rate would silently win
             group["lr"] = lr
-    dropped = trim_log(log_path, start) if distributed.is_main() else 0  # rows past the checkpoint (a kill)
-    if dropped:
-        print(f"resume: dropped {dropped} log row(s) past the checkpoint's iteration {start}", file=sys.stderr)
-    if changed and distributed.is_main():
+    run.log_rows = list(state.get("log", []))
+    if not distributed.is_main():
+        return start
+    if "log" in state:  # rows past the checkpoint (a kill) dropped; a damaged or deleted log restored
+        note = restore_log(run.log_path, run.log_rows, start)
+    else:  # a checkpoint without its rows: cut the log back to it
+        dropped = trim_log(run.log_path, start)
+        note = dropped and f"dropped {dropped} log row(s) past the checkpoint's iteration {start}"
+    if note:
+        print(f"resume: {note}", file=sys.stderr)
+    if run.changed_settings:
         print("resume: continuing with changed settings (so not what one uninterrupted run gives): "
-              + "; ".join(changed), file=sys.stderr)
+              + "; ".join(run.changed_settings), file=sys.stderr)
+    differences = cpu_threads.numerics_differences(state.get("numerics"), run.numerics)
+    if differences:
+        print("resume: this process differs from the checkpoint's run in what its numbers depend on, so the result "
+              "will not equal an uninterrupted run: " + "; ".join(differences), file=sys.stderr)
     return start
 
 
 def load_run(args, judge=None, prompts=None, eval_prompts=None) -> Run:
     """Check the output folder (and on --resume the checkpoint), load the prompts, the judge and the base model. Every
     check comes before any write; the model has no adapters yet (start_run)."""
-    from nanowaltz.judge import judge_from_flag
+    from nanowaltz.judge import judge_from_flag, judge_options
 
+    judge_flags = judge_options(args) if judge is None else None  # a bad judge flag fails before anything loads
     out = Path(args.out)
     checkpoint = out / "checkpoint"
     state = changed = None
+    if distributed.is_main():  # a second run into this --out stops here, naming the first
+        lock_out(out, "train.py")
     if args.resume:  # find_checkpoint also completes a checkpoint swap that a crash cut half-way
         if find_checkpoint(checkpoint) is None:
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint}")
+            raise SystemExit(no_checkpoint(out, checkpoint))
         state = read_checkpoint_state(checkpoint)
-        changed = check_resume_args(state.get("args", {}), asdict(args), state["iteration"])
+        check_resume_args(state.get("args", {}), asdict(args), state["iteration"])
+        threads = cpu_threads.reuse_threads(state.get("numerics"))  # the thread count changes the rounding
+        if threads and distributed.is_main():
+            print(f"resume: {threads}", file=sys.stderr)
     prepare_out(out, args.resume, args.overwrite)  # refuses to start over an earlier run without --overwrite
 
     prompts = prompts if prompts is not None else load_training_prompts(args)
     if args.eval_every > 0 and eval_prompts is None:
         eval_prompts = load_eval_prompts(args)
-    judge = judge if judge is not None else judge_from_flag(args.judge)
     four_bit = {"auto": None, "yes": True, "no": False}[args.load_in_4bit]
     base, tokenizer = load_base(args.model, load_in_4bit=four_bit, dtype=args.dtype)
+    if judge is None:  # an hf: judge loads on the training model's device: each rank's own GPU under torchrun
+        judge = judge_from_flag(args.judge, device=next(base.parameters()).device, **judge_flags)
+        if hasattr(judge, "describe") and distributed.is_main():
+            print(f"judge: {judge.describe()}", file=sys.stderr)
     if args.recompute_old_logprobs is None:  # auto: sampling log-probs are pi_old only where they match (fp32)
         args.recompute_old_logprobs = base.dtype != torch.float32 or getattr(base, "is_loaded_in_4bit", False)
+    if args.resume:  # listed once the automatic settings are resolved, as they were in the checkpoint's run
+        changed = check_resume_args(state.get("args", {}), asdict(args), state["iteration"])
     return Run(base, tokenizer, judge, prompts, eval_prompts, out, checkpoint, out / "log.jsonl",
                0 if args.single_agent else args.stage1_iterations, state, changed)
 
@@ -130,14 +158,17 @@ def start_run(run: Run, args, rng) -> None:
     if args.gradient_checkpointing:
         enable_activation_checkpointing(base)
     run.optimizers = make_optimizers(run.model, args)
+    run.device = next(run.model.parameters()).device
+    run.numerics = cpu_threads.numerics_record(distributed.world_size(), run.device)
     if args.resume:
-        run.start = resume_state(args, run.checkpoint_state, run.changed_settings, run.optimizers, rng, run.log_path)
+        run.start = resume_state(run, args, rng)
     elif distributed.is_main():  # distributed: rank 0 alone writes files
         prepare_out(run.out, args.resume, args.overwrite, remove=True)
     if distributed.is_main():
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    run.device = next(run.model.parameters()).device
+        write_whole(run.out / "args.json", json.dumps({**asdict(args), "numerics": run.numerics}, indent=2))
+        if run.device.type == "cpu":
+            print(cpu_threads.describe(), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,6 +176,7 @@ def start_run(run: Run, args, rng) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def write_log(run: Run, record: dict) -> None:
     """Append one row to out/log.jsonl."""
+    run.log_rows.append(record)
     if distributed.is_main():  # distributed: rank 0 writes the log
         with open(run.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -192,7 +224,9 @@ class TrainingLoop:
 
     A stop (Ctrl-C, SIGTERM) abandons an iteration that has not begun its update (`updating()`); once it has, the
     iteration is finished first. Either way the checkpoint holds the state after the last completed iteration
-    (checkpoint.py). An out-of-memory error ends the run with the flags to lower."""
+    (checkpoint.py). A judge that cannot give labels (unreachable, or too many outputs that do not parse) stops the
+    run the same way, with a nonzero exit. An out-of-memory error ends the run with the flags to lower. The output
+    folder, locked by load_run, is let go when the loop ends."""
 
     def __init__(self, run: Run, args, rng, desc: str):
         self.run, self.args, self.rng, self.desc = run, args, rng, desc
@@ -221,34 +255,53 @@ class TrainingLoop:
         write_log(self.run, record)
         self.history.append(record)
         self.completed, self.boundary = record["iteration"], rng_state(self.rng)
+        judge = {"judge": f"{record['time_judge']:.1f}s"}  # the judge's seconds, and its unparsed outputs if any
+        if record.get("judge_unparsed"):
+            judge["unparsed"] = f"{record['judge_unparsed']}/{record['judge_items']}"
         self.bar.set_postfix(stage=record["stage"], Rc=f"{record['conversation_reward_before']:.2f}->"
                              f"{record['conversation_reward_after']:.2f}",
-                             **{name: f"{record[key]:.2f}" for name, key in shown.items()})
+                             **{name: f"{record[key]:.2f}" for name, key in shown.items()}, **judge)
         if self.completed % self.args.save_every == 0:
-            save_checkpoint(self.run.model, self.run.optimizers, self.completed, self.args, self.boundary,
-                            self.run.checkpoint)
-            self.saved = self.completed
+            self.save(self.completed, self.boundary)
         self.stop.release()
         if self.stop.requested:  # asked during the update: the iteration is complete now
             raise KeyboardInterrupt
 
+    def save(self, iteration: int, boundary: dict) -> None:
+        """Checkpoint the state after `iteration` (boundary: its random states) with the log rows and numerics."""
+        save_checkpoint(self.run.model, self.run.optimizers, iteration, self.args,
+                        {**boundary, "log": list(self.run.log_rows), "numerics": self.run.numerics},
+                        self.run.checkpoint)
+        self.saved = iteration
+
     def finish(self) -> None:
-        """The final checkpoint, then the trained adapters in out/adapters."""
+        """The trained adapters in out/adapters (swapped in whole), then the final checkpoint unless the last periodic
+        one already holds the end."""
         self.bar.close()
         self.stop.hold()
-        save_checkpoint(self.run.model, self.run.optimizers, self.total, self.args, rng_state(self.rng),
-                        self.run.checkpoint)
         if distributed.is_main():  # distributed: rank 0 writes the adapters
-            save_agents(self.run.model, self.run.out / "adapters")
+            save_agents_whole(self.run.model, self.run.out / "adapters")
+        if self.saved != self.total:
+            self.save(self.total, rng_state(self.rng))
         distributed.barrier("the final save")  # distributed: no rank returns (and reads them) before they are written
         self.stop.release()
 
     def __exit__(self, kind, error, traceback):
+        from nanowaltz.judge import JudgeOutputError, JudgeUnreachableError
+
         try:
             if kind is not None and issubclass(kind, KeyboardInterrupt):
                 self.bar.close()
-                raise SystemExit(stop_and_save(self.stop, self.run.model, self.run.optimizers, self.completed,
-                                               self.boundary, self.saved, self.args, self.run.checkpoint)) from None
+                raise SystemExit(stop_and_save(self.stop, self.completed, self.saved, self.run.checkpoint,
+                                               lambda: self.save(self.completed, self.boundary))) from None
+            if kind is not None and issubclass(kind, (JudgeUnreachableError, JudgeOutputError)):
+                self.bar.close()  # as a stop: the iteration being judged is abandoned, the completed ones are saved
+                reason = str(error.code if isinstance(error, SystemExit) else error).strip().splitlines()[0]
+                held = self.stop.held
+                self.stop.hold()  # a Ctrl-C now waits for the save
+                done = save_on_stop(held, self.completed, self.saved, self.run.checkpoint,
+                                    lambda: self.save(self.completed, self.boundary))
+                raise SystemExit(f"Stopped: the judge gave no labels ({reason}); {done}") from None
             if kind is not None and issubclass(kind, torch.OutOfMemoryError):
                 self.bar.close()
                 raise SystemExit("Out of memory. Lower, in this order: --micro-batch-size, --rollout-batch-size, "
@@ -256,4 +309,5 @@ class TrainingLoop:
                                  "or turn on --gradient-checkpointing and --load-in-4bit yes.") from None
         finally:
             self.stop.restore()
+            release_out(self.run.out)
         return False

@@ -212,3 +212,61 @@ def test_dtype_and_recompute_flags(capsys):
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--dtype DTYPE" in help_text and "--no-recompute-old-logprobs" in help_text
     assert "~30% slower" in help_text and "option_strings" not in help_text  # a bare % used to garble the help
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing in the update
+
+class LayerForwardCounter:
+    """Counts, during train.update_agent only, the decoder's forward passes and the calls of its first layer's MLP.
+    transformers checkpoints a layer's `forward`, so a hook on a module inside the layer also fires when backward
+    recomputes it: with checkpointing the MLP runs twice per decoder pass. A pre-hook, because the recompute stops as
+    soon as it has rebuilt the last tensor backward needs (inside the MLP), so a hook after the MLP would miss it."""
+
+    def __init__(self, monkeypatch):
+        self.decoder_passes = self.mlp_calls = self.in_backward = 0
+        real_update = train.update_agent
+
+        def update_agent(model, *args, **kwargs):
+            decoder = model.get_base_model().get_decoder()
+            hooks = [decoder.register_forward_pre_hook(self._count_pass),
+                     decoder.layers[0].mlp.register_forward_pre_hook(self._count_mlp)]
+            try:
+                return real_update(model, *args, **kwargs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+
+        monkeypatch.setattr(train, "update_agent", update_agent)
+
+    def counts(self) -> tuple:
+        return self.decoder_passes, self.mlp_calls, self.in_backward
+
+    def _count_pass(self, module, inputs):
+        self.decoder_passes += 1
+
+    def _count_mlp(self, module, inputs):
+        self.mlp_calls += 1
+        self.in_backward += torch._C._current_autograd_node() is not None  # a recompute runs inside backward
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["on", "off"])
+def test_update_recomputes_layers_after_warm_start_iff_checkpointing(tiny_model_dir, tmp_path, toy_feedback,
+                                                                     monkeypatch, checkpointing):
+    """After a warm-start, the periodic eval and a rollout (each leaves the model in eval mode, as does the resume's
+    load_adapter), every RL update still recomputes each checkpointed layer in backward with --gradient-checkpointing,
+    and never without it."""
+    counter = LayerForwardCounter(monkeypatch)
+    args = tiny_args(tiny_model_dir, tmp_path / "run", warmstart_epochs=1, eval_every=1,
+                     gradient_checkpointing=checkpointing)
+    train.train(args, judge=toy_judge, prompts=PROMPTS, eval_prompts=PROMPTS[:2])
+    first = counter.counts()
+    resumed = tiny_args(tiny_model_dir, tmp_path / "run", stage2_iterations=2, resume=True, warmstart_epochs=1,
+                        eval_every=1, gradient_checkpointing=checkpointing)
+    train.train(resumed, judge=toy_judge, prompts=PROMPTS, eval_prompts=PROMPTS[:2])
+    second = tuple(after - before for after, before in zip(counter.counts(), first))
+    for passes, mlp_calls, in_backward in (first, second):  # the first run, then the resumed one
+        assert passes >= 2  # both agents were updated
+        if checkpointing:  # every layer run again in backward
+            assert (mlp_calls, in_backward) == (2 * passes, passes)
+        else:
+            assert (mlp_calls, in_backward) == (passes, 0)

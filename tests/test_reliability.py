@@ -3,6 +3,7 @@ contexts that message text cannot forge, eval runs that keep what they finished,
 
 Stops are injected deterministically: a wrapped function sends SIGINT / SIGTERM to this process at a chosen point
 (the Python handler runs right after os.kill returns), or raises `Killed` to play kill -9 (nothing else runs)."""
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import eval as evaluation
 import rollout
 import train
 from nanowaltz.base_model import load_base
-from nanowaltz.models import AGENTS, adapter_parameters, attach_agents, save_agents
+from nanowaltz.models import AGENTS, adapter_parameters, attach_agents, check_adapters, save_agents
 from nanowaltz.feedback_json import ParsedFeedback
 from nanowaltz.judge import Labels
 from test_train import PROMPTS, tiny_args, toy_judge
@@ -561,3 +562,493 @@ def test_answer_cannot_forge_the_hf_judges_verdict(tiny_model_dir):
         hf.guard = guard
         ids = hf.tokenizer(hf._render(INJECTION, FAKE_VERDICT), add_special_tokens=False)["input_ids"]
         assert turn_markers(hf.tokenizer, ids) == ((3, 2) if guard else (2, 1))
+
+
+# ----------------------------------------------------------------------------------------------- what numbers depend on
+@pytest.fixture
+def one_thread_after():
+    """Tests here change torch's thread count; the others expect conftest's one thread."""
+    yield
+    torch.set_num_threads(1)
+
+
+def test_resume_reuses_the_recorded_thread_count_and_is_exact(tiny_model_dir, tmp_path, reference, monkeypatch,
+                                                              capsys, one_thread_after):
+    """A run stopped under 1 thread and resumed where the machine's load would choose 2 (1 and 2 threads round
+    differently) comes out as the uninterrupted run: the checkpoint records the count and resume reuses it."""
+    from nanowaltz import cpu_threads
+
+    out = tmp_path / "run"
+    signal_on_call(monkeypatch, train, "rollout", 4, [signal.SIGTERM])
+    with pytest.raises(SystemExit):
+        train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
+    assert "CPU threads: 1, " in capsys.readouterr().err  # the choice, and why, said at start
+    recorded = torch.load(out / "checkpoint" / checkpoint.STATE_FILE, weights_only=False)["numerics"]
+    assert recorded["threads"] == 1 and recorded["world_size"] == 1 and recorded["torch"] == torch.__version__
+    assert json.loads((out / "args.json").read_text())["numerics"] == recorded  # one record, two places
+    assert {"wait_policy", "cpu", "transformers", "peft"} <= set(recorded)
+    monkeypatch.undo()
+    monkeypatch.setattr(rollout, "parse_feedback", toy_parse)
+    monkeypatch.setattr(cpu_threads, "USER_THREADS", False)
+    torch.set_num_threads(2)  # what cpu_threads picks on an idle 2-core machine
+    resume(tiny_model_dir, out)
+    assert torch.get_num_threads() == 1
+    err = capsys.readouterr().err
+    assert "1 CPU thread(s), as in the checkpoint's run (this machine's choice now: 2" in err
+    assert "changed settings" not in err  # nothing was changed, so nothing is listed
+    assert_same_run(out, reference)
+
+
+def test_resume_says_what_differs_in_what_the_numbers_depend_on(tiny_model_dir, tmp_path, reference, capsys):
+    """A 2-rank checkpoint resumed by one process (other sampling noise per rank), or one written by another torch,
+    cannot give the uninterrupted run: resume says so, naming each difference."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    path = out / "checkpoint" / checkpoint.STATE_FILE
+    state = torch.load(path, weights_only=False)
+    state["numerics"].update(world_size=2, torch="2.0.0")
+    torch.save(state, path)
+    train.train(schedule(tiny_model_dir, out, resume=True, stage2_iterations=3), judge=toy_judge, prompts=PROMPTS)
+    err = capsys.readouterr().err
+    assert "will not equal an uninterrupted run: world_size 2 -> 1 (other sampling noise per rank); torch 2.0.0 -> " \
+           f"{torch.__version__}" in err
+
+
+def test_checkpoints_load_their_tensors_onto_the_cpu_first(tiny_model_dir, tmp_path, reference, monkeypatch):
+    """Under torchrun every rank reads the checkpoint: a tensor saved from cuda:0 must not land on cuda:0 for all of
+    them (the optimizers then move each state tensor onto its parameter's device, the rank's own)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    real, seen = torch.load, []
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or real(*a, **k))
+    checkpoint.read_checkpoint_state(out / "checkpoint")
+    assert seen == ["cpu"]
+
+
+# ----------------------------------------------------------------------------------------------- adapters, whole
+def test_kill_in_the_final_save_leaves_the_previous_pair_whole(tiny_model_dir, tmp_path, reference, monkeypatch):
+    """kill -9 while out/adapters is written: a reader finds the previous pair, never one agent of each save."""
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    real = PeftModel.save_pretrained
+
+    def killed_at_the_feedback_adapter(self, directory, *args, **kwargs):
+        if Path(directory).name.startswith("adapters") and kwargs.get("selected_adapters") == ["feedback"]:
+            raise Killed  # the conversation adapter of the new pair is written by now
+        return real(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", killed_at_the_feedback_adapter)
+    with pytest.raises(Killed):  # one more iteration (5), then the final save
+        train.train(schedule(tiny_model_dir, out, resume=True, stage2_iterations=3), judge=toy_judge, prompts=PROMPTS)
+    monkeypatch.setattr(PeftModel, "save_pretrained", real)
+    check_adapters(out / "adapters")  # whole, and exactly the previous pair
+    for agent in AGENTS:
+        assert (out / "adapters" / agent / "adapter_model.safetensors").read_bytes() == \
+            (reference / "adapters" / agent / "adapter_model.safetensors").read_bytes()
+    train.train(schedule(tiny_model_dir, out, resume=True, stage2_iterations=3), judge=toy_judge, prompts=PROMPTS)
+    check_adapters(out / "adapters")  # --resume finished the save: the new pair, whole
+    assert (out / "adapters" / "conversation" / "adapter_model.safetensors").read_bytes() != \
+        (reference / "adapters" / "conversation" / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "args.json", "checkpoint", "log.jsonl"]
+
+
+def test_a_pair_mixed_from_two_saves_or_a_swap_in_progress_is_refused(tiny_model_dir, tmp_path, trained_adapters):
+    import infer
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(trained_adapters, mixed)
+    other = attach_agents(load_base(tiny_model_dir)[0])
+    save_agents(other, tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "conversation" / "adapter_model.safetensors",
+                mixed / "conversation" / "adapter_model.safetensors")
+    argv = ["--model", tiny_model_dir, "--prompt", "hi", "--max-new-tokens", "2", "--feedback-max-new-tokens", "2"]
+    with pytest.raises(SystemExit, match=r"conversation/adapter_model\.safetensors: differs from the checksum in "):
+        infer.main(argv + ["--adapters", str(mixed)])
+    with pytest.raises(SystemExit, match="differs from the checksum"):
+        evaluation.main(eval_argv(tiny_model_dir, tmp_path / "eval", mixed))
+    swapping = tmp_path / "run" / "adapters"  # a crash between the two renames of a swap: only adapters.old is there
+    shutil.copytree(trained_adapters, swapping.with_name("adapters.old"))
+    with pytest.raises(SystemExit, match=r"adapters is missing and adapters\.old is beside it: a run is replacing"):
+        infer.main(argv + ["--adapters", str(swapping)])
+
+
+# ----------------------------------------------------------------------------------------------- one writer per --out
+HOLD_LOCK = ("import sys, time\nfrom nanowaltz.checkpoint import lock_out\nlock_out(sys.argv[1], 'train.py')\n"
+             "print('locked', flush=True)\ntime.sleep(120)\n")
+
+
+def test_a_second_run_or_evaluation_into_a_locked_out_stops_naming_the_first(tiny_model_dir, tmp_path,
+                                                                            trained_adapters):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as error:
+            train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
+        message = str(error.value.code)
+        assert f"--out {out} is in use by train.py (pid {holder.pid} on " in message and "\n" not in message
+        with pytest.raises(SystemExit, match=f"is in use by train.py \\(pid {holder.pid}"):
+            evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # neither wrote anything
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 leaves no stale lock: the kernel let go with the process
+    train.train(schedule(tiny_model_dir, out, stage1_iterations=1, stage2_iterations=0), judge=toy_judge,
+                prompts=PROMPTS)
+    assert not (out / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------- adapters vs the base
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    """Two more tiny models: the same shapes with other weights, and other shapes."""
+    from conftest import build_tiny_model_dir
+
+    return (build_tiny_model_dir(tmp_path_factory.mktemp("same-shapes"), seed=1),
+            build_tiny_model_dir(tmp_path_factory.mktemp("other-shapes"), hidden_size=48))
+
+
+def test_adapters_of_another_base_model_are_refused_before_anything_is_generated(tiny_model_dir, tmp_path,
+                                                                                 trained_adapters, other_models,
+                                                                                 monkeypatch):
+    import infer
+    import rollout as rollout_module
+
+    same_shapes, other_shapes = other_models
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("something was generated before the adapters were checked")
+
+    monkeypatch.setattr(rollout_module, "run_agent", no_generation)
+    monkeypatch.setattr(evaluation, "base_answers", no_generation)
+    argv = ["--adapters", str(trained_adapters), "--prompt", "hi", "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit) as error:
+        infer.main(["--model", same_shapes] + argv)
+    message = str(error.value.code)
+    assert f"trained on the base model {tiny_model_dir}, not on {same_shapes}" in message and "\n" not in message
+    for model in (same_shapes, other_shapes):
+        with pytest.raises(SystemExit) as error:
+            evaluation.main(eval_argv(model, tmp_path / f"eval-{Path(model).name}", trained_adapters))
+        assert "trained on the base model" in str(error.value.code) and "\n" not in str(error.value.code)
+    # a copy without the recorded name (another tool's save) is still checked by its layers' shapes, in one line
+    bare = tmp_path / "bare"
+    shutil.copytree(trained_adapters, bare)
+    (bare / "manifest.json").unlink()
+    for agent in AGENTS:
+        config = json.loads((bare / agent / "adapter_config.json").read_text())
+        (bare / agent / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(SystemExit, match=r"has shape \[16, \d+\], but r 16 in adapter_config.json and the base "
+                                         r"model .* need \[16, \d+\]"):
+        evaluation.main(eval_argv(other_shapes, tmp_path / "eval-bare", bare))
+    assert not (tmp_path / "eval-bare" / "systems").exists() or not any((tmp_path / "eval-bare" / "systems").iterdir())
+
+
+def test_garbled_adapter_weights_of_the_right_size_are_refused(tiny_model_dir, tmp_path, trained_adapters):
+    import infer
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(trained_adapters, garbled)
+    weights = garbled / "feedback" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last tensor's values zeroed: same size, a valid file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as error:
+        infer.main(["--model", tiny_model_dir, "--adapters", str(garbled), "--prompt", "hi"])
+    assert str(error.value.code).startswith(f"{weights}: differs from the checksum in {garbled / 'manifest.json'}")
+
+
+@pytest.mark.parametrize("change, message", [({"lora_alpha": 64}, "differs from the checksum"),
+                                             ({"r": 8}, "differs from the checksum")])
+def test_an_altered_adapter_config_in_a_checkpoint_is_refused(tiny_model_dir, tmp_path, reference, change, message):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    path = out / "checkpoint" / "conversation" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(SystemExit) as error:
+        resume(tiny_model_dir, out)
+    assert str(error.value.code).startswith(f"{path}: {message}") and "\n" not in str(error.value.code)
+
+
+# ----------------------------------------------------------------------------------------------- text that is not text
+def test_a_prompt_with_a_lone_surrogate_is_a_one_line_error_naming_its_line(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           trained_adapters):
+    import infer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    good = {"id": "a", "prompt": "hi", "label": "benign", "category": "x", "split": "eval"}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", "prompt": "bad \ud800 text"}) + "\n")
+    for module in (training_run, evaluation, infer):
+        monkeypatch.setattr(module, "load_base" if module is not infer else "load_agents_or_fresh", no_model)
+    expected = f"{path}, line 2: field 'prompt' is not valid Unicode text (a lone surrogate '\\ud800' at character 5)"
+    for run in (lambda: train.train(train.Args(prompts=str(path), split="eval", out=str(tmp_path / "t"))),
+                lambda: evaluation.main(eval_argv(tiny_model_dir, tmp_path / "e", trained_adapters, "--prompts",
+                                                  str(path))),
+                lambda: infer.main(["--prompts", str(path)])):
+        with pytest.raises(SystemExit) as error:
+            run()
+        assert expected in str(error.value.code), error.value.code
+    with pytest.raises(SystemExit, match=r"--prompt: prompt 2 is not valid Unicode text"):
+        infer.main(["--prompt", "fine", "--prompt", "\udcff"])  # an invalid byte in argv, as Python carries it
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(b"first\nsecond \xff\xfe\n")
+    with pytest.raises(SystemExit, match=f"--prompts {text}, line 2: not UTF-8 text"):
+        infer.main(["--prompts", str(text)])
+
+
+def test_out_that_is_a_file_is_a_one_line_error_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(training_run, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    a_file = tmp_path / "results"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit, match=f"--out {a_file}: not a folder"):
+        train.train(train.Args(out=str(a_file)), judge=toy_judge, prompts=PROMPTS)
+    assert a_file.read_text() == "mine"
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    import subprocess
+    import sys
+
+    code = "import nanowaltz.cpu_threads, os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport torch\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode in (130, -signal.SIGINT) and done.stderr.strip() == "Interrupted (Ctrl-C)", done.stderr
+
+
+# ----------------------------------------------------------------------------------------------- the judge fails
+@pytest.mark.parametrize("failure", ["unreachable", "unparsed"])
+def test_a_judge_that_gives_no_labels_stops_the_run_like_sigterm(tiny_model_dir, tmp_path, reference, failure):
+    """In iteration 4, after iteration 3 completed (the last checkpoint holds 2): the run stops with iteration 3 saved,
+    in one line, nonzero; --resume once the judge answers gives the uninterrupted run."""
+    from nanowaltz.judge import JudgeOutputError, JudgeUnreachableError
+
+    calls = []
+
+    def failing_judge(prompts, responses, labels):
+        calls.append(1)
+        if len(calls) == 4:
+            raise (JudgeUnreachableError("judge server http://x/v1 unreachable") if failure == "unreachable" else
+                   JudgeOutputError("judge http:m: 8 of 8 outputs did not parse"))
+        return toy_judge(prompts, responses, labels)
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.train(schedule(tiny_model_dir, out), judge=failing_judge, prompts=PROMPTS)
+    message = str(stopped.value.code)
+    assert message.startswith("Stopped: the judge gave no labels (judge ") and "\n" not in message
+    assert f"the checkpoint in {out / 'checkpoint'} holds the 3 completed iteration(s); continue with --resume" \
+        in message
+    assert saved_iteration(out) == 3 and len(log_rows(out)) == 3
+    resume(tiny_model_dir, out)
+    assert_same_run(out, reference)
+
+
+def test_results_name_the_judge_that_really_labelled(tiny_model_dir, tmp_path, trained_adapters, monkeypatch):
+    import nanowaltz.judge as judges
+
+    class CountingJudge:
+        name, fallback = "http:guard", judges.load_judge("default:prefix")
+
+        def __call__(self, prompts, responses, labels):
+            return self.fallback(prompts, responses, labels)
+
+        def labelled_by(self):
+            return "http:guard (5 of 12 items by the default judge: output did not parse)"
+
+    monkeypatch.setattr(judges, "judge_from_flag", lambda *a, **k: CountingJudge())
+    out = tmp_path / "eval"
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--systems", "base")) == 0
+    assert "Judge: http:guard (5 of 12 items by the default judge: output did not parse)." in \
+        (out / "results.md").read_text()
+    numerics = json.loads((out / "results.json").read_text())["numerics"]  # the same record as a run's
+    assert numerics["threads"] == torch.get_num_threads() and numerics["torch"] == torch.__version__
+
+
+# ----------------------------------------------------------------------------------------------- half-way states
+def test_a_run_killed_before_its_first_checkpoint_says_to_start_over(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, calls = train.rollout, []
+
+    def killed_in_iteration_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "rollout", killed_in_iteration_2)
+    with pytest.raises(Killed):
+        train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
+    monkeypatch.setattr(train, "rollout", real)
+    for resume_it in (True, False):
+        with pytest.raises(SystemExit, match="stopped before its first checkpoint.*nothing to resume.*--overwrite"):
+            train.train(schedule(tiny_model_dir, out, resume=resume_it), judge=toy_judge, prompts=PROMPTS)
+    train.train(schedule(tiny_model_dir, out, overwrite=True), judge=toy_judge, prompts=PROMPTS)
+    assert saved_iteration(out) == 4
+
+
+def test_a_full_disk_in_a_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, saves = torch.save, []
+
+    def full_at_the_second_checkpoint(obj, path, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # what torch's zip writer says when the disk fills under it
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4246")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_at_the_second_checkpoint)
+    with pytest.raises(SystemExit) as error:
+        train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
+    message = str(error.value.code)
+    assert message.startswith(f"could not write {out / 'checkpoint.tmp'} (") and "MiB free on its disk" in message
+    assert message.endswith(f"the checkpoint in {out / 'checkpoint'} is unchanged") and "\n" not in message
+    assert saved_iteration(out) == 2 and not (out / "checkpoint.tmp").exists()
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    with pytest.raises(SystemExit, match=r"\(the disk is full: No space left on device; \d+ MiB free on its disk\)"):
+        resume(tiny_model_dir, out)
+
+
+def test_a_finished_run_writes_its_adapters_first_and_no_redundant_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real, saves = training_run.save_checkpoint, []
+    monkeypatch.setattr(training_run, "save_checkpoint", lambda *a, **k: saves.append(a[2]) or real(*a, **k))
+    train.train(schedule(tiny_model_dir, out), judge=toy_judge, prompts=PROMPTS)
+    assert saves == [2, 4]  # the periodic save after iteration 4 is the final one: not written twice
+
+    def disk_full(*args, **kwargs):
+        raise SystemExit("could not write checkpoint.tmp (the disk is full)")
+
+    monkeypatch.setattr(training_run, "save_checkpoint", disk_full)
+    with pytest.raises(SystemExit, match="the disk is full"):
+        train.train(schedule(tiny_model_dir, tmp_path / "full", stage1_iterations=1, stage2_iterations=0),
+                    judge=toy_judge, prompts=PROMPTS)
+    check_adapters(tmp_path / "full" / "adapters")  # the trained adapters are there all the same
+
+
+@pytest.mark.parametrize("damage", ["middle row", "deleted"])
+def test_a_damaged_or_deleted_log_is_restored_from_the_checkpoint(tiny_model_dir, tmp_path, reference, capsys,
+                                                                  damage):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    log = out / "log.jsonl"
+    if damage == "deleted":
+        log.unlink()
+    else:
+        lines = log.read_text().splitlines()
+        log.write_text("\n".join([lines[0], lines[1][:40]] + lines[2:]) + "\n")
+    train.train(schedule(tiny_model_dir, out, resume=True, stage2_iterations=3), judge=toy_judge, prompts=PROMPTS)
+    err = capsys.readouterr().err
+    assert ("was missing: its 4 row(s) up to iteration 4 restored from the checkpoint" if damage == "deleted" else
+            "line 2 differed from the checkpoint's copy of the log (damaged, edited or missing): its 4 row(s)") in err
+    assert log_rows(out)[:4] == log_rows(reference) and len(log_rows(out)) == 5
+
+
+def test_a_complete_looking_tmp_with_a_truncated_adapter_does_not_replace_the_checkpoint(tiny_model_dir, tmp_path,
+                                                                                         reference, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    state = torch.load(out / "checkpoint" / checkpoint.STATE_FILE, weights_only=False)
+    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
+    weights = out / "checkpoint.tmp" / "feedback" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    train.train(schedule(tiny_model_dir, out, resume=True), judge=toy_judge, prompts=PROMPTS)
+    assert f"warning: {out / 'checkpoint.tmp'} is damaged" in capsys.readouterr().err
+    assert not (out / "checkpoint.tmp").exists() and saved_iteration(out) == state["iteration"]
+    assert_same_run(out, reference)
+
+
+def test_eval_into_a_used_out_keeps_the_earlier_systems_unless_overwrite(tiny_model_dir, tmp_path, trained_adapters):
+    out = tmp_path / "eval"
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--systems", "base")) == 0
+    before = (out / "systems" / "base.json").read_text()
+    with pytest.raises(SystemExit, match=r"holds an earlier evaluation's finished systems \(base\): --resume .* "
+                                         r"--overwrite discards them"):
+        evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--systems", "base"))
+    assert (out / "systems" / "base.json").read_text() == before
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--systems", "base", "--overwrite")) == 0
+
+
+# ----------------------------------------------------------------------------------------------- a real HTTP judge
+@pytest.fixture
+def judge_server():
+    """A local OpenAI-compatible judge server: `answer` is the content it sends; `down` makes it answer HTTP 503."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if server.down:
+                self.send_response(503)
+                self.end_headers()
+                return
+            body = json.dumps({"choices": [{"message": {"content": server.answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.answer, server.down = '{"unsafe": false, "overrefuse": false}', False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_judge_server_outage_mid_run_saves_the_completed_iterations(tiny_model_dir, tmp_path, judge_server,
+                                                                     monkeypatch):
+    from nanowaltz.judge import HTTPJudge
+
+    judge = HTTPJudge(f"http://127.0.0.1:{judge_server.server_port}/v1", "m", retries=2, backoff=0.01, timeout=5)
+    real, calls = train.rollout, []
+
+    def server_down_in_iteration_4(*args, **kwargs):
+        calls.append(1)
+        judge_server.down = len(calls) >= 4
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "rollout", server_down_in_iteration_4)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.train(schedule(tiny_model_dir, out), judge=judge, prompts=PROMPTS)
+    message = str(stopped.value.code)
+    assert message.startswith("Stopped: the judge gave no labels (judge server http://127.0.0.1:") and "HTTP 503" in \
+        message and "\n" not in message
+    assert saved_iteration(out) == 3 and len(log_rows(out)) == 3
+
+
+def test_labels_of_the_wrong_type_are_counted_and_named_in_the_results(tiny_model_dir, tmp_path, trained_adapters,
+                                                                       judge_server, monkeypatch):
+    import nanowaltz.judge as judges
+
+    judge_server.answer = '{"unsafe": "yes", "overrefuse": 1}'
+    url = f"http://127.0.0.1:{judge_server.server_port}/v1"
+    fallback = judges.load_judge("default:prefix")  # the offline judge's light detector: the test stays fast
+    monkeypatch.setattr(judges, "judge_from_flag",
+                        lambda *a, **k: judges.HTTPJudge(url, "m", max_unparsed=1.0, fallback=fallback))
+    out = tmp_path / "eval"
+    assert evaluation.main(eval_argv(tiny_model_dir, out, trained_adapters, "--systems", "base")) == 0
+    judged = json.loads((out / "results.json").read_text())["judge"]
+    assert judged.startswith("http:m (") and "items by the default judge: output did not parse" in judged
+    assert f"Judge: {judged}." in (out / "results.md").read_text()
+    monkeypatch.setattr(judges, "judge_from_flag",  # the default limit on unparsed outputs
+                        lambda *a, **k: judges.HTTPJudge(url, "m", fallback=fallback))
+    with pytest.raises(SystemExit, match=r"judge http:m: \d+ of \d+ outputs did not parse"):
+        evaluation.main(eval_argv(tiny_model_dir, tmp_path / "strict", trained_adapters, "--systems", "base"))
