@@ -56,6 +56,7 @@ from nanowaltz.cli import flag, parse
 from nanowaltz.evaluation import (CachedJudge, check_earlier_evaluation, in_chunks, load_finished, markdown_report,
                                   mean_with_ci, progress, save_system, system_settings, writable_folder, write_reports)
 from nanowaltz.feedback_json import FEEDBACK_PREFILL, ParsedFeedback, parse_feedback
+from nanowaltz.judge import DEFAULT_MAX_UNPARSED
 from nanowaltz.model_card import add_evaluation
 from nanowaltz.base_model import DEFAULT_MODEL, context_window, load_base
 from nanowaltz.models import AGENTS, attach_agents, check_adapters, load_agents, reference_policy
@@ -83,8 +84,17 @@ class EvalArgs:
     split: str = "eval"  # {train,eval,test} which split of the prompts (data/heldout.jsonl is all 'test')
     limit: int | None = None  # evaluate only this many prompts, taken round-robin over categories
     systems: str = ",".join(SYSTEMS)  # comma-separated systems to compare (default: all)
-    judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + embedding refusal detector,
-        # 'default:phrase', 'default:prefix', 'hf:<model>', 'http://host:port/v1#<model>'
+    judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + probe refusal detector,
+        # 'default:embedding', 'default:phrase', 'default:prefix', 'hf:<model>', 'http://host:port/v1#<model>'
+    judge_dtype: str = "auto"  # {auto,bf16,fp32} compute dtype of an hf: judge, loaded on the model's device (auto:
+        # bf16 on a CUDA GPU, else fp32)
+    judge_4bit: bool = False  # load an hf: judge with NF4 4-bit weights (bitsandbytes)
+    judge_batch_size: int | None = None  # items per generate call of an hf: judge (default 16), concurrent requests
+        # of an http judge (default 4)
+    judge_family: str = "auto"  # {auto,wildguard,llama-guard,instruct} the judge's input and answer format (auto: by
+        # its hub id or its chat template; nanowaltz/judge.py)
+    judge_max_unparsed: float = DEFAULT_MAX_UNPARSED  # stop when more than this share of one judge call's outputs do
+        # not parse (their labels would silently come from the default judge)
     safeguard: str = "judge"  # {judge,feedback-agent} safety check of base+safeguard: 'judge' (oracle safeguard: the
         # judge's unsafe label) or 'feedback-agent' (the untrained feedback agent's unsafe label)
     max_new_tokens: int | None = None  # length limit of each answer, in tokens (default: the training run's, read from
@@ -417,7 +427,7 @@ def report(results: dict, out_dir) -> int:
 
 def rejudge_stored(args: EvalArgs) -> int:
     """--rejudge: the answers of an earlier results.json labelled by --judge, and the new tables."""
-    from nanowaltz.judge import judge_from_flag
+    from nanowaltz.judge import judge_from_flag, judge_options
 
     try:
         results = json.loads(Path(args.rejudge).read_text())
@@ -425,7 +435,8 @@ def rejudge_stored(args: EvalArgs) -> int:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise SystemExit(f"--rejudge {args.rejudge}: not a results.json written by eval.py ({err})") from None
     writable_folder(args.out)
-    return report(rejudge(results, judge_from_flag(args.judge), args.bootstrap, args.seed), args.out)
+    return report(rejudge(results, judge_from_flag(args.judge, **judge_options(args)), args.bootstrap, args.seed),
+                  args.out)
 
 
 def evaluation_prompts(args: EvalArgs) -> list:
@@ -468,7 +479,7 @@ def results_of(args: EvalArgs, prompts, judge, records: dict, seconds: float) ->
 
 
 def main(argv=None) -> int:
-    from nanowaltz.judge import judge_from_flag
+    from nanowaltz.judge import judge_from_flag, judge_options
 
     args = parse(EvalArgs, DESCRIPTION, argv)
     if args.rejudge:
@@ -483,7 +494,7 @@ def main(argv=None) -> int:
     finished = load_finished(store, systems, settings_of) if args.resume else {}
 
     began = time.perf_counter()
-    judge = judge_from_flag(args.judge)
+    judge = judge_from_flag(args.judge, **judge_options(args))  # an hf: judge on the GPU when there is one
     base, tokenizer = load_base(args.model)
     config = inference_config(args.temperature, args.max_new_tokens, args.feedback_max_new_tokens,
                               batch_size=args.batch_size)

@@ -81,7 +81,7 @@ class Args:
         # benchmark name
     split: str = "train"  # which split of the prompt file to train on
     judge: str = "default"  # judge spec (nanowaltz/judge.py): 'default' = prompt label + refusal detector,
-        # 'default:phrase', 'default:prefix', 'hf:<model>' (on a GPU: hf:allenai/wildguard),
+        # 'default:embedding', 'default:phrase', 'default:prefix', 'hf:<model>' (on a GPU: hf:allenai/wildguard),
         # 'http://host:port/v1#<model>'
     judge_dtype: str = "auto"  # {auto,bf16,fp32} compute dtype of an hf: judge, loaded on the training model's device
         # (auto: bf16 on a CUDA GPU, else fp32)

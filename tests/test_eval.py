@@ -400,3 +400,22 @@ def test_revision_outcomes_count_fixes_after_correct_flags_and_breaks_after_fals
         "n_prompts": 9, "n_harmful": 5, "n_benign": 4, "judge": "j", "safeguard": "s", "bootstrap_resamples": 20,
         "seed": 0, "batch_size": 1, "wall_seconds": 1.0})
     assert "| pair | 4 | 2 | 2 | 2 | 1 |" in report
+
+
+def test_judge_flags_reach_the_judge_and_bad_ones_fail_before_loading(monkeypatch, tmp_path):
+    import nanowaltz.judge as judge_module
+
+    seen = {}
+
+    def fake_judge_from_flag(spec, **kw):
+        seen.update(spec=spec, **kw)
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(judge_module, "judge_from_flag", fake_judge_from_flag)
+    with pytest.raises(SystemExit, match="stop here"):
+        evaluation.main(["--judge", "hf:allenai/wildguard", "--judge-4bit", "--judge-batch-size", "4",
+                         "--judge-family", "wildguard", "--out", str(tmp_path / "e")])
+    assert seen == {"spec": "hf:allenai/wildguard", "dtype": "auto", "load_in_4bit": True, "batch_size": 4,
+                    "family": "wildguard", "max_unparsed": 0.2}
+    with pytest.raises(SystemExit, match="--judge-4bit and --judge-dtype apply to a judge model loaded here"):
+        evaluation.main(["--judge", "default", "--judge-4bit", "--out", str(tmp_path / "f")])

@@ -819,8 +819,11 @@ def test_ctrl_c_while_the_libraries_load_is_one_line():
     import sys
 
     code = "import nanowaltz.cpu_threads, os, signal\nos.kill(os.getpid(), signal.SIGINT)\nimport torch\n"
+    # A job started in the background of a script inherits an ignored SIGINT, and Python then never raises
+    # KeyboardInterrupt: restore the default, as a terminal's Ctrl-C finds it.
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode in (130, -signal.SIGINT) and done.stderr.strip() == "Interrupted (Ctrl-C)", done.stderr
 
 
