@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanowaltz import cpu_threads  # noqa: E402,F401  (first: OpenMP reads its wait settings when torch loads)
 from nanowaltz.refusal import (LABELS_DIR, EmbeddingDetector, HiddenStateReader, PhraseDetector,  # noqa: E402
-                               PrefixDetector, ProbeDetector, fit_logistic, fitting_rows, load_labelled_answers,
+                               PrefixDetector, ProbeDetector, fit_logistic, load_labelled_answers,
                                load_refusal_data, read_jsonl_rows)
 
 
@@ -149,8 +149,7 @@ def grouped_folds(groups, k=5, seed=0) -> np.ndarray:
 def cross_validate(fit_pool, k=5) -> None:
     """The fit pool in k folds grouped by prompt; each fold scored by a fit on the other folds plus every hand-written
     response (as the deployed detectors are fitted)."""
-    hand = [r for r in fitting_rows() if r not in [{"prompt": a["prompt"], "response": a["answer"],
-                                                    "refusal": a["refusal"]} for a in fit_pool]]
+    hand = [{k: r[k] for k in ("prompt", "response", "refusal")} for r in load_refusal_data()]
     folds = grouped_folds([r["prompt_id"] for r in fit_pool], k)
     y, y_hand = np.array([r["refusal"] for r in fit_pool]), np.array([r["refusal"] for r in hand], float)
     layers = (6, 12, 15, 18, 21, 24, 30)
