@@ -376,27 +376,45 @@ def test_4bit_cpu_repack_trap_without_the_fix(tmp_path):
         assert torch.nn.functional.cosine_similarity(flat_fixed, flat_trapped, dim=0) < 0.99
 
 
+def _stderr_of(code):
+    """Run `code` in a fresh interpreter (offline hub) and return what it printed on stderr; it must not fail."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    return done.stderr
+
+
+def test_the_hub_kernel_messages_are_dropped_and_nothing_else():
+    """models.py drops exactly the two messages bitsandbytes and `kernels` log about the hub kernel of the fast path
+    we turn off, by their text, and keeps every other message of those loggers. The messages are logged here, in a
+    fresh interpreter, with the wording bitsandbytes 0.50 and kernels 0.19 use: whether bitsandbytes itself logs
+    them depends on the CPU and on the hub cache (the next test covers that path where it happens)."""
+    quiet = _stderr_of(
+        "import nanowaltz.models, logging\n"
+        "ops, hub = logging.getLogger('bitsandbytes.backends.cpu.ops'), logging.getLogger('kernels._internals.hf_hub')\n"
+        "ops.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+        "`pip install kernels` and the kernels >= 0.11.1', 'offline')\n"
+        "hub.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+        "Hugging Face Hub is in offline mode.\")\n"
+        "ops.warning('kept: ops'); hub.warning('kept: hub')\n")
+    assert "gemm_4bit_forward" not in quiet and "quantization-bitsandbytes" not in quiet, quiet
+    assert "kept: ops" in quiet and "kept: hub" in quiet, quiet
+
+
 def test_no_warning_about_the_hub_kernel_of_the_fast_path_we_turn_off():
-    """On a CPU with AVX512-BF16, importing bitsandbytes (peft does) warns that it could not fetch a hub kernel for the
-    repacking fast path that disable_bnb_cpu_repack turns off (offline, `kernels` adds a line); models.py drops those
-    messages. Fresh interpreters: without models.py they are there (so this test would see them), with models.py
-    imported first they are not, and other messages of the same loggers still are."""
+    """On a CPU with AVX512-BF16, importing bitsandbytes (peft does) may warn that it could not fetch a hub kernel for
+    the repacking fast path that disable_bnb_cpu_repack turns off. With models.py imported first, the import is
+    quiet. Where bare `import peft` does not warn (the kernel found in a cache, another bitsandbytes), this checks only
+    that the import works; the test above checks the filter itself."""
     from bitsandbytes.functional import has_avx512bf16
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not look for the fast-path kernel")
-
-    def stderr_of(code):
-        return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300).stderr
-
-    noisy = stderr_of("import peft")
-    assert "gemm_4bit_forward" in noisy and "Skipping publisher trust check" in noisy
-    quiet = stderr_of("import nanowaltz.models, peft, logging\n"
-                      "for name in ('bitsandbytes.backends.cpu.ops', 'kernels._internals.hf_hub'):\n"
-                      "    logging.getLogger(name).warning('kept: ' + name)")
-    assert "quantization-bitsandbytes" not in quiet and "gemm_4bit_forward" not in quiet
-    assert "kept: bitsandbytes.backends.cpu.ops" in quiet and "kept: kernels._internals.hf_hub" in quiet
+    noisy = _stderr_of("import peft")
+    quiet = _stderr_of("import nanowaltz.models, peft")
+    assert "gemm_4bit_forward" not in quiet and "quantization-bitsandbytes" not in quiet, quiet
+    if "gemm_4bit_forward" not in noisy:
+        pytest.skip(f"bare `import peft` logged no hub-kernel warning here (stderr: {noisy[-300:]!r})")
 
 
 # ----------------------------------------------------------------------------- the embedded default model
