@@ -1,0 +1,109 @@
+"""Tests for bench/learning_study.py: which steps run (and how an interrupted one continues), the table and the targets
+computed from eval.py results files written by hand here, and a whole study run end to end with stand-in scripts."""
+import json
+import sys
+
+import pytest
+
+from bench import learning_study
+from bench.learning_study import StudyArgs, collect, steps, targets, write_table
+
+
+def results_file(path, systems: dict):
+    """An eval.py results.json holding only what the study reads: per system ASR and ORR (fractions)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"systems": {name: {"metrics": {"ASR": {"value": asr}, "ORR": {"value": orr}}}
+                                            for name, (asr, orr) in systems.items()}}))
+
+
+def test_steps_train_first_then_evaluate_each_system_on_both_test_sets_with_both_judges(tmp_path):
+    found = steps(StudyArgs(seeds="0,1", out=str(tmp_path)))
+    names = [name for name, _, _ in found]
+    assert names[:4] == ["train waltzrl seed 0", "train single-agent seed 0", "train waltzrl seed 1",
+                         "train single-agent seed 1"]
+    # per test set: baselines + 2 seeds x (warmstart, waltzrl, single-agent) = 7 evaluations, each re-judged
+    assert len(found) == 4 + 2 * 7 * 2
+    single = dict((name, command) for name, _, command in found)["train single-agent seed 1"]
+    assert "--single-agent" in single and single[single.index("--seed") + 1] == "1"
+    heldout = dict((name, command) for name, _, command in found)["evaluate warmstart-s1 on heldout"]
+    assert "data/heldout.jsonl" in heldout and str(tmp_path / "waltzrl-s1" / "warmstart") in heldout
+
+
+def test_an_interrupted_run_resumes_and_one_without_a_checkpoint_starts_over(tmp_path):
+    run = tmp_path / "waltzrl-s0"
+
+    def command():
+        return dict((name, c) for name, _, c in steps(StudyArgs(seeds="0", methods="waltzrl", out=str(tmp_path))))[
+            "train waltzrl seed 0"]
+
+    assert "--resume" not in command() and "--overwrite" not in command()  # nothing there yet
+    run.mkdir()
+    assert "--overwrite" in command()  # stopped during the warm-start: nothing to resume
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "trainer_state.pt").write_bytes(b"")
+    assert "--resume" in command() and "--overwrite" not in command()
+
+
+def test_unknown_method_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--methods: unknown"):
+        steps(StudyArgs(methods="waltzrl,ppo", out=str(tmp_path)))
+
+
+def test_table_and_targets_from_results_files(tmp_path):
+    ev = tmp_path / "eval" / "heldout"
+    results_file(ev / "baselines" / "results.json", {"base": (0.70, 0.02), "untrained-collab": (0.80, 0.04)})
+    results_file(ev / "warmstart-s0" / "results.json", {"waltzrl": (0.66, 0.10)})
+    results_file(ev / "waltzrl-s0" / "results.json", {"waltzrl": (0.50, 0.08)})  # 30 below, ORR +4: met; RL -16
+    results_file(ev / "warmstart-s1" / "results.json", {"waltzrl": (0.60, 0.05)})
+    results_file(ev / "waltzrl-s1" / "results.json", {"waltzrl": (0.56, 0.10)})  # 24 below, ORR +6: missed; RL -4
+    results_file(ev / "single-agent-s0" / "results.json", {"single-agent": (0.70, 0.04)})
+    results_file(ev / "single-agent-s1" / "results.json", {"single-agent": (0.66, 0.10)})
+    results_file(tmp_path / "eval-second-judge" / "heldout" / "waltzrl-s0" / "results.json", {"waltzrl": (0.9, 0.0)})
+    rows = collect(StudyArgs(out=str(tmp_path)))
+    assert rows["untrained"]["heldout"] == pytest.approx((80.0, 4.0))
+    assert rows["waltzrl-s0"]["heldout 2nd"] == pytest.approx((90.0, 0.0))
+    checks = [(what, ok) for what, ok, _ in targets(rows)]
+    assert checks[0] == ("waltzrl-s0: ASR >= 25 points below the untrained pair's, ORR <= 5 points above it", True)
+    assert checks[1][1] is False  # seed 1: 24 points below, ORR +6
+    assert checks[2] == ("waltzrl-s0: RL stages >= 10 ASR points below its warm-start", True)
+    assert checks[3][1] is False  # seed 1: 56 vs 60
+    # WaltzRL mean ASR 53 vs single-agent 68 (15 below) at ORR 9 vs 7: higher ORR, so missed
+    assert checks[4][1] is False and "ASR 53.0 vs 68.0, ORR 9.0 vs 7.0" in targets(rows)[4][2]
+    text = write_table(StudyArgs(out=str(tmp_path)))
+    assert "| **waltzrl, mean ± sd of 2 seed(s)** |  | 53.0 ± 4.2 / 9.0 ± 1.4 |" in text
+    assert json.loads((tmp_path / "study.json").read_text())["base"]["heldout"] == pytest.approx([70.0, 2.0])
+
+
+def test_whole_study_runs_its_steps_once_and_continues_after_a_failure(tmp_path, monkeypatch):
+    """The steps' commands replaced by a stand-in that writes each step's marker (and fails once on one step): a
+    second run continues at the failed step and reruns nothing finished."""
+    real_call, calls = learning_study.subprocess.call, []
+    fail_once = {"evaluate waltzrl-s0 on eval"}
+
+    def fake_steps(args):
+        found = []
+        for name, marker, _ in steps(args):
+            found.append((name, marker, [sys.executable, "-c",
+                                         f"import pathlib; p = pathlib.Path({str(marker)!r}); "
+                                         f"p.parent.mkdir(parents=True, exist_ok=True); p.write_text('{{}}')"]))
+        return found
+
+    def fake_call(command, cwd):
+        name = next(n for n, _, c in fake_steps(args) if c == command)
+        calls.append(name)
+        if name in fail_once:
+            fail_once.discard(name)
+            return 1
+        return real_call(command, cwd=cwd)
+
+    args = StudyArgs(seeds="0", methods="waltzrl", out=str(tmp_path))
+    monkeypatch.setattr(learning_study, "steps", fake_steps)
+    monkeypatch.setattr(learning_study.subprocess, "call", fake_call)
+    with pytest.raises(SystemExit, match="step 'evaluate waltzrl-s0 on eval' failed"):
+        learning_study.run_steps(args)
+    first = list(calls)
+    calls.clear()
+    learning_study.run_steps(args)
+    assert first[-1] == "evaluate waltzrl-s0 on eval" and calls[0] == "evaluate waltzrl-s0 on eval"
+    assert not set(first[:-1]) & set(calls)  # nothing finished ran twice
+    assert len(first) - 1 + len(calls) == len(steps(args))
