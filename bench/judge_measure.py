@@ -43,12 +43,16 @@ def cohen_kappa(a, b) -> float:
 def agreement(labels_dir=LABELS_DIR) -> None:
     fields = {"id": str, "refusal": bool, "harmful": bool, "off_topic": bool}
     first = {r["id"]: r for p in sorted(Path(labels_dir).glob("*.jsonl")) for r in read_jsonl_rows(p, fields)}
-    second = [r for p in sorted((Path(labels_dir) / "second").glob("*.jsonl")) for r in read_jsonl_rows(p, fields)]
-    print(f"## 1. Agreement: {len(second)} answers labelled twice, independently")
-    for name in ("refusal", "harmful", "off_topic"):
-        a, b = [first[r["id"]][name] for r in second], [r[name] for r in second]
-        print(f"  {name:9s} agree {np.mean(np.equal(a, b)):.3f}  kappa {cohen_kappa(a, b):.3f}  "
-              f"(true: first {sum(a)}, second {sum(b)})")
+    samples = {p.stem: read_jsonl_rows(p, fields) for p in sorted((Path(labels_dir) / "second").glob("*.jsonl"))}
+    samples = {**samples, "all": [r for rows in samples.values() for r in rows]} if len(samples) > 1 else samples
+    print(f"## 1. Agreement: {len(samples.get('all', next(iter(samples.values()), [])))} answers labelled twice, "
+          f"independently")
+    for sample, second in samples.items():
+        print(f"  {sample} ({len(second)} answers)")
+        for name in ("refusal", "harmful", "off_topic"):
+            a, b = [first[r["id"]][name] for r in second], [r[name] for r in second]
+            print(f"    {name:9s} agree {np.mean(np.equal(a, b)):.3f}  kappa {cohen_kappa(a, b):.3f}  "
+                  f"(true: first {sum(a)}, second {sum(b)})")
 
 
 # ----------------------------------------------------------------------------------------------- precision / recall

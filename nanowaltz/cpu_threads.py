@@ -129,22 +129,34 @@ def cpu_kind() -> str:
 
 def numerics_record(world_size: int = 1, device="cpu") -> dict:
     """What a run's numbers depend on beyond its settings and seed, for its checkpoints and reproducibility records."""
-    import peft
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import transformers
+
+    def installed(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     device = str(device)
     return {"threads": torch.get_num_threads(), "wait_policy": wait_policy(), "thread_choice": CHOICE,
             "world_size": world_size, "cpu": cpu_kind(),
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+            **{package: installed(package) for package in LOCKED_PACKAGES}}
+
+
+# The packages besides torch whose versions a run's numbers may depend on: recorded with every run and pinned, with
+# torch, in requirements-lock.txt (the versions README "Results" was measured with).
+LOCKED_PACKAGES = ("transformers", "peft", "bitsandbytes", "tokenizers", "numpy")
 
 
 # How each recorded difference shows in the results (thread_choice is the reason, not a number that matters).
 EFFECT = {"threads": "other rounding", "wait_policy": "speed only", "world_size": "other sampling noise per rank",
           "cpu": "other rounding", "device": "other rounding", "python": "", "torch": "other kernels",
-          "transformers": "", "peft": ""}
+          "transformers": "", "peft": "", "bitsandbytes": "other 4-bit kernels", "tokenizers": "",
+          "numpy": "other judge fits"}
 
 
 def numerics_differences(saved: dict | None, now: dict) -> list:

@@ -96,3 +96,25 @@ def test_entry_points_import_it_before_anything_else(entry_point):
     first = imports[0]
     assert isinstance(first, ast.ImportFrom) and first.module == "nanowaltz" and [a.name for a in first.names] == [
         "cpu_threads"]
+
+
+def test_the_version_lock_pins_what_the_numerics_record_names_within_the_ranges_of_requirements():
+    """requirements-lock.txt pins torch and every package whose version a run records, each inside the range
+    requirements.txt allows (so `pip install -r requirements-lock.txt` after setup.sh never leaves the supported
+    ranges), and every run's record names the same packages."""
+    from packaging.requirements import Requirement
+
+    def requirements(name):
+        lines = (PROJECT_ROOT / name).read_text().splitlines()
+        found = [Requirement(line.split("#")[0].strip()) for line in lines if line.split("#")[0].strip()]
+        return {r.name.lower(): r for r in found}
+
+    lock, ranges = requirements("requirements-lock.txt"), requirements("requirements.txt")
+    record = cpu_threads.numerics_record()
+    for package in ("torch", *cpu_threads.LOCKED_PACKAGES):
+        assert package in record
+        pinned = lock[package].specifier
+        assert len(pinned) == 1 and next(iter(pinned)).operator == "==", f"{package}: {pinned}"
+        version = next(iter(pinned)).version
+        if package in ranges:
+            assert ranges[package].specifier.contains(version, prereleases=True), (package, version)

@@ -1,6 +1,6 @@
 """Blind labelling: split answers into task files that hide which system wrote them, and merge labels back.
 
-    python data/judge_labels/blind.py split --parts 6 --only-unlabelled --out /tmp/tasks
+    python data/judge_labels/blind.py split --parts 6 --out /tmp/tasks   # only answers not labelled yet
     python data/judge_labels/blind.py merge --labels /tmp/labels --into data/judge_labels/part-01.jsonl
     python data/judge_labels/blind.py second --n 200 --parts 2 --out /tmp/second   # a sample to label twice
 
