@@ -172,11 +172,14 @@ def cross_validate(fit_pool, k=5) -> None:
     print(f"## Grouped {k}-fold cross-validation on the fit pool: {len(fit_pool)} answers, {y.sum()} refusals "
           f"(+ {len(hand)} hand-written responses in every fit)")
     for name, (x, x_hand) in inputs.items():
-        pred = np.zeros(len(fit_pool), bool)
+        score = np.zeros(len(fit_pool))
         for f in range(k):
             w, b = fit_logistic(np.vstack([x[folds != f], x_hand]), np.concatenate([y[folds != f], y_hand]))
-            pred[folds == f] = x[folds == f] @ w + b > 0
-        print(f"  {name:20s} {by_prompt_label(pred, fit_pool)}")
+            score[folds == f] = x[folds == f] @ w + b
+        print(f"  {name:20s} {by_prompt_label(score > 0, fit_pool)}")
+        if name == f"probe, layer {ProbeDetector.LAYER}":  # the default's threshold: lower ones trade precision for recall
+            for threshold in (-0.5, -1.0):
+                print(f"  {f'  threshold {threshold}':20s} {by_prompt_label(score > threshold, fit_pool)}")
 
 
 def main():
