@@ -34,6 +34,9 @@ from nanowaltz.cli import parse  # noqa: E402
 TEST_SETS = {"eval": ["--prompts", "data/prompts.jsonl", "--split", "eval"],  # chose the recipe
              "heldout": ["--prompts", "data/heldout.jsonl", "--split", "test"]}  # used for no tuning
 SECOND_JUDGE = "default:embedding"  # the earlier default (MiniLM on the answer alone): training never sees it
+# Every system answers at the preset's length limits (train.py's defaults). Without them eval.py gives the baselines,
+# which have no training run to read limits from, longer answers than the trained agents ever wrote.
+LENGTHS = ["--max-new-tokens", "48", "--feedback-max-new-tokens", "64"]
 
 
 @dataclass
@@ -42,7 +45,8 @@ class StudyArgs:
     methods: str = "waltzrl,single-agent"  # comma-separated: waltzrl (train.py --preset cpu) and/or single-agent
         # (the same preset with --single-agent: the conversation agent alone, the same conversation samples)
     out: str = "runs/study"  # one folder per step below it; study.md and study.json at its top
-    train_args: str = ""  # extra train.py flags for every run, quoted as one string (e.g. "--stage2-iterations 12")
+    train_args: str = ""  # extra train.py flags for every run, as one string after '=' (e.g.
+        # --train-args="--samples-per-prompt 8"); not the length limits, which every evaluation fixes at 48 / 64
     table_only: bool = False  # train and evaluate nothing: the table from the finished steps
     dry_run: bool = False  # print the commands of the unfinished steps, run none
 
@@ -81,7 +85,7 @@ def steps(args: StudyArgs) -> list:
         for name, system_flags in evaluations:
             folder = out / "eval" / test_set / name
             found.append((f"evaluate {name} on {test_set}", folder / "results.json",
-                          python("eval.py", *prompt_flags, *system_flags, "--out", str(folder), "--resume")))
+                          python("eval.py", *prompt_flags, *system_flags, *LENGTHS, "--out", str(folder), "--resume")))
             second = out / "eval-second-judge" / test_set / name
             found.append((f"re-judge {name} on {test_set} ({SECOND_JUDGE})", second / "results.json",
                           python("eval.py", "--rejudge", str(folder / "results.json"), "--judge", SECOND_JUDGE,
@@ -96,6 +100,23 @@ def train_command(run: Path, flags: list) -> list:
     return python("train.py", *flags, *(["--overwrite"] if run.exists() else []))
 
 
+def run_command(command: list, name: str) -> int:
+    """Run one step and return its exit status. On Ctrl-C the step's own process (which got the same Ctrl-C from the
+    terminal) is left to stop cleanly: train.py saves a checkpoint, eval.py keeps its finished systems."""
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"\nstudy: interrupted during '{name}': waiting for it to stop and save (Ctrl-C again: at once)",
+              file=sys.stderr, flush=True)
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.kill()
+            process.wait()
+        raise SystemExit(f"study: stopped; run the same command again to continue from '{name}'") from None
+
+
 def run_steps(args: StudyArgs) -> None:
     todo = [(name, marker, command) for name, marker, command in steps(args) if not marker.exists()]
     print(f"study: {len(todo)} step(s) to run in {args.out}", file=sys.stderr)
@@ -104,7 +125,7 @@ def run_steps(args: StudyArgs) -> None:
         if args.dry_run:
             continue
         began = time.perf_counter()
-        code = subprocess.call(command, cwd=ROOT)
+        code = run_command(command, name)
         if code != 0 or not marker.exists():
             raise SystemExit(f"study: step '{name}' failed (exit {code}); fix it and run the same command again to "
                              f"continue from there")

@@ -77,7 +77,7 @@ def test_table_and_targets_from_results_files(tmp_path):
 def test_whole_study_runs_its_steps_once_and_continues_after_a_failure(tmp_path, monkeypatch):
     """The steps' commands replaced by a stand-in that writes each step's marker (and fails once on one step): a
     second run continues at the failed step and reruns nothing finished."""
-    real_call, calls = learning_study.subprocess.call, []
+    real_run, calls = learning_study.run_command, []
     fail_once = {"evaluate waltzrl-s0 on eval"}
 
     def fake_steps(args):
@@ -88,17 +88,16 @@ def test_whole_study_runs_its_steps_once_and_continues_after_a_failure(tmp_path,
                                          f"p.parent.mkdir(parents=True, exist_ok=True); p.write_text('{{}}')"]))
         return found
 
-    def fake_call(command, cwd):
-        name = next(n for n, _, c in fake_steps(args) if c == command)
+    def fake_run(command, name):
         calls.append(name)
         if name in fail_once:
             fail_once.discard(name)
             return 1
-        return real_call(command, cwd=cwd)
+        return real_run(command, name)
 
     args = StudyArgs(seeds="0", methods="waltzrl", out=str(tmp_path))
     monkeypatch.setattr(learning_study, "steps", fake_steps)
-    monkeypatch.setattr(learning_study.subprocess, "call", fake_call)
+    monkeypatch.setattr(learning_study, "run_command", fake_run)
     with pytest.raises(SystemExit, match="step 'evaluate waltzrl-s0 on eval' failed"):
         learning_study.run_steps(args)
     first = list(calls)
@@ -107,3 +106,43 @@ def test_whole_study_runs_its_steps_once_and_continues_after_a_failure(tmp_path,
     assert first[-1] == "evaluate waltzrl-s0 on eval" and calls[0] == "evaluate waltzrl-s0 on eval"
     assert not set(first[:-1]) & set(calls)  # nothing finished ran twice
     assert len(first) - 1 + len(calls) == len(steps(args))
+
+
+def test_ctrl_c_lets_the_running_step_save_and_says_how_to_continue(tmp_path):
+    """A terminal's Ctrl-C reaches the step's process and the study alike: the study waits for the step to finish its
+    own clean stop (train.py saves a checkpoint then) instead of killing it, and ends with how to continue."""
+    import os
+    import signal
+    import threading
+    import time
+
+    saved, started = tmp_path / "saved", tmp_path / "started"
+    child = (f"import pathlib, signal, sys, time\n"
+             f"def stop(*_):\n"
+             f"    time.sleep(0.5); pathlib.Path({str(saved)!r}).write_text('checkpoint'); sys.exit(130)\n"
+             f"signal.signal(signal.SIGINT, stop)\n"
+             f"pathlib.Path({str(started)!r}).write_text('')\n"
+             f"time.sleep(60)\n")
+    process = {}
+    real_popen = learning_study.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        process["child"] = real_popen(*args, **kwargs)
+        return process["child"]
+
+    def ctrl_c():
+        while not started.exists():
+            time.sleep(0.05)
+        process["child"].send_signal(signal.SIGINT)  # what the terminal sends to every process of the job
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    learning_study.subprocess.Popen = popen
+    try:
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        with pytest.raises(SystemExit, match="run the same command again to continue from 'train waltzrl seed 0'"):
+            learning_study.run_command([sys.executable, "-c", child], "train waltzrl seed 0")
+    finally:
+        learning_study.subprocess.Popen = real_popen
+        signal.signal(signal.SIGINT, previous)
+    assert saved.read_text() == "checkpoint" and process["child"].returncode == 130
