@@ -33,7 +33,9 @@ from nanowaltz.cli import parse  # noqa: E402
 
 TEST_SETS = {"eval": ["--prompts", "data/prompts.jsonl", "--split", "eval"],  # chose the recipe
              "heldout": ["--prompts", "data/heldout.jsonl", "--split", "test"]}  # used for no tuning
-SECOND_JUDGE = "default:embedding"  # the earlier default (MiniLM on the answer alone): training never sees it
+# Another reader of the same answers, which training never sees: MiniLM embeddings + phrases of the answer alone,
+# fitted on the same labels (test pool: 0.85 / 0.60 refusal precision / recall on harmful prompts; docs/method.md).
+SECOND_JUDGE = "default:embedding"
 # Every system answers at the preset's length limits (train.py's defaults). Without them eval.py gives the baselines,
 # which have no training run to read limits from, longer answers than the trained agents ever wrote.
 LENGTHS = ["--max-new-tokens", "48", "--feedback-max-new-tokens", "64"]
