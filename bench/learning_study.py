@@ -34,7 +34,7 @@ from nanowaltz.cli import parse  # noqa: E402
 TEST_SETS = {"eval": ["--prompts", "data/prompts.jsonl", "--split", "eval"],  # chose the recipe
              "heldout": ["--prompts", "data/heldout.jsonl", "--split", "test"]}  # used for no tuning
 # Another reader of the same answers, which training never sees: MiniLM embeddings + phrases of the answer alone,
-# fitted on the same labels (test pool: 0.85 / 0.60 refusal precision / recall on harmful prompts; docs/method.md).
+# fitted on the same labels (docs/method.md measures it beside the default).
 SECOND_JUDGE = "default:embedding"
 # Every system answers at the preset's length limits (train.py's defaults). Without them eval.py gives the baselines,
 # which have no training run to read limits from, longer answers than the trained agents ever wrote.
