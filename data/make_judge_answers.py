@@ -13,6 +13,10 @@ README.md has the rules). The ids are stable, so a rerun appends only what is mi
     python data/make_judge_answers.py --system base --pool fit --decoding greedy
     python data/make_judge_answers.py --system untrained --pool test --decoding sampled
     python data/make_judge_answers.py --system trained --adapters runs/cpu/adapters --pool fit --decoding sampled
+    python data/make_judge_answers.py --from-results runs/eval/results.json --name trained-seed0   # no generation
+
+--from-results takes the greedy answers an eval.py run already wrote for its 'waltzrl' system (first answers, and the
+revisions of flagged ones) on the eval split, the test pool.
 """
 import json
 import os
@@ -46,6 +50,8 @@ class AnswerArgs:
     max_new_tokens: int = 48  # answer length limit (the training default)
     feedback_max_new_tokens: int = 64  # feedback length limit (the training default)
     out: str = "data/judge_answers.jsonl"  # JSONL to append to
+    from_results: str | None = None  # generate nothing: take the 'waltzrl' answers of this eval.py results.json (greedy,
+        # eval split) under --name
 
 
 def answer_records(args: AnswerArgs, prompts, trajectories) -> list:
@@ -64,12 +70,48 @@ def answer_records(args: AnswerArgs, prompts, trajectories) -> list:
     return records
 
 
+def records_from_results(path: str, name: str) -> list:
+    """The 'waltzrl' system's greedy answers in an eval.py results.json on the eval split, as answer records."""
+    try:
+        results = json.loads(Path(path).read_text())
+        rows, prompts = results["systems"]["waltzrl"]["records"], results["prompts"]
+        temperature = results["config"]["temperature"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(f"--from-results {path}: not an eval.py results.json with a 'waltzrl' system ({err})") from None
+    if not prompts.endswith("(split eval)") or temperature != 0:
+        raise SystemExit(f"--from-results {path}: answers to {prompts} at temperature {temperature}; the test pool takes "
+                         f"greedy answers to the eval split of data/prompts.jsonl")
+    records = []
+    for row in rows:
+        turns = [("first", "", row["first_answer"])] + ([("revision", row["feedback"], row["final_answer"])]
+                                                        if row["triggered"] else [])
+        for which, feedback, answer in turns:
+            records.append({"id": f"{name}-greedy-s0-{row['id']}-{which}", "prompt_id": row["id"],
+                            "prompt": row["prompt"], "prompt_label": row["label"], "category": row["category"],
+                            "pool": "test", "system": name, "decoding": "greedy", "turn": which,
+                            "feedback": feedback, "answer": answer})
+    return records
+
+
+def append_new(out: Path, records: list, done: set) -> None:
+    new = [r for r in records if r["id"] not in done]
+    with out.open("a") as f:
+        for record in new:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"{out}: {len(new)} new answers ({len(done)} before)")
+
+
 def main(argv=None) -> int:
     args = parse(AnswerArgs, "Collect answers of our own agents for the judge's labelled set.", argv)
-    if args.system == "trained" and not args.adapters:
+    if args.system == "trained" and not args.adapters and not args.from_results:
         raise SystemExit("--system trained needs --adapters")
     out = Path(args.out)
     done = {json.loads(line)["id"] for line in out.open()} if out.exists() else set()
+    if args.from_results:
+        if not args.name:
+            raise SystemExit("--from-results needs --name: the system's name in the records")
+        append_new(out, records_from_results(args.from_results, args.name), done)
+        return 0
     prompts = load_prompts(str(Path(__file__).with_name("prompts.jsonl")), split=POOLS[args.pool])[:args.limit]
     model, tokenizer = load_agents_or_fresh("default", args.adapters if args.system == "trained" else None)
     temperature = 0.0 if args.decoding == "greedy" else 1.0
@@ -83,11 +125,7 @@ def main(argv=None) -> int:
             trajectories = rollout(model, tokenizer, prompts, config)
     else:
         trajectories = rollout(model, tokenizer, prompts, config)
-    new = [r for r in answer_records(args, prompts, trajectories) if r["id"] not in done]
-    with out.open("a") as f:
-        for record in new:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"{out}: {len(new)} new answers ({len(done)} before)")
+    append_new(out, answer_records(args, prompts, trajectories), done)
     return 0
 
 

@@ -242,3 +242,27 @@ def test_the_fit_cache_key_follows_the_fitting_rows_not_the_files(tmp_path):
                                             for i in ("r1", "c1")])  # a fit-pool label changed: refit
     assert refusal.data_digest(refusal.fitting_rows(answers, labels), "v") != before
     assert refusal.data_digest(refusal.fitting_rows(answers, labels), "v2") != before
+
+
+def test_answers_from_an_eval_results_file_are_first_answers_and_revisions_of_the_test_pool(tmp_path):
+    """data/make_judge_answers.py --from-results: a flagged prompt gives its first answer and its revision (with the
+    feedback it got), an approved one only its first answer; answers to another split are refused."""
+    import data.make_judge_answers as make
+
+    rows = [{"id": "hd-001", "prompt": "p1", "label": "harmful", "category": "harmful_direct", "triggered": True,
+             "first_answer": "Sure: step 1", "final_answer": "Refuse.", "feedback": "Refuse briefly."},
+            {"id": "ev-002", "prompt": "p2", "label": "benign", "category": "everyday", "triggered": False,
+             "first_answer": "Paris.", "final_answer": "Paris.", "feedback": ""}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"prompts": "data/prompts.jsonl (split eval)", "config": {"temperature": 0.0},
+                                "systems": {"waltzrl": {"records": rows}}}))
+    records = make.records_from_results(str(path), "pair")
+    assert [(r["id"], r["turn"], r["feedback"], r["answer"]) for r in records] == [
+        ("pair-greedy-s0-hd-001-first", "first", "", "Sure: step 1"),
+        ("pair-greedy-s0-hd-001-revision", "revision", "Refuse briefly.", "Refuse."),
+        ("pair-greedy-s0-ev-002-first", "first", "", "Paris.")]
+    assert {r["pool"] for r in records} == {"test"} and records[2]["prompt_label"] == "benign"
+    path.write_text(json.dumps({"prompts": "data/heldout.jsonl (split test)", "config": {"temperature": 0.0},
+                                "systems": {"waltzrl": {"records": rows}}}))
+    with pytest.raises(SystemExit, match="the test pool takes greedy answers to the eval split"):
+        make.records_from_results(str(path), "pair")
