@@ -375,6 +375,15 @@ def compute_advantages(samples, group_baseline: bool) -> None:
         s.advantage = (v - mean) / (std + 1e-6)  # all-equal rewards -> all-zero advantages: no signal, only KL
 
 
+def share_of_tied_groups(samples) -> float:
+    """The share of prompts whose samples all got the same reward: with the group baseline they teach nothing (only
+    the KL term moves them), so this is how much of a batch is signal-free."""
+    by_group = {}
+    for s in samples:
+        by_group.setdefault(s.group, set()).add(s.reward)
+    return sum(len(rewards) == 1 for rewards in by_group.values()) / len(by_group)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. The update: log-probs with the fused kernel, PPO clipped surrogate, KL to pi_ref
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,9 +501,11 @@ def update_agents(run, args, samples, trained, rng) -> dict:
         if not agent_samples:
             continue
         compute_advantages(agent_samples, group_baseline=args.samples_per_prompt > 1)
+        tied_groups = share_of_tied_groups(agent_samples)
         score_samples(run.model, agent_samples, agent, args, run.tokenizer.pad_token_id, run.device)
         agent_stats[agent] = update_agent(run.model, run.optimizers[agent], agent, agent_samples, args,
                                           run.tokenizer.pad_token_id, run.device, rng)
+        agent_stats[agent]["tied_groups"] = tied_groups
         if args.recompute_old_logprobs:  # how far sampling numerics are from the training forward
             gaps = [abs(a - b) for s in agent_samples for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist())]
             agent_stats[agent]["sampling_logprob_mismatch"] = max(gaps)

@@ -59,32 +59,19 @@ def python(script: str, *flags) -> list:
 
 
 def steps(args: StudyArgs) -> list:
-    """(name, done-marker, command) for every step, in the order they run: the trainings first, then evaluations."""
+    """(name, done-marker, command) for every step, in the order they run: the baselines, then seed by seed its
+    trainings and its evaluations, so that every finished seed is a complete row of the table (a study spread over
+    several sittings shows whole seeds) and evaluations, which need no idle machine, sit between the trainings."""
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - {"waltzrl", "single-agent"}
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)} (known: waltzrl, single-agent)")
-    found = []
-    for seed in seeds:
-        for method in methods:
-            run = out / f"{method}-s{seed}"
-            flags = ["--preset", "cpu", "--seed", str(seed), "--out", str(run), *args.train_args.split()]
-            flags += ["--single-agent"] if method == "single-agent" else []
-            found.append((f"train {method} seed {seed}", run / "adapters" / "manifest.json", train_command(run, flags)))
-    for test_set, prompt_flags in TEST_SETS.items():
-        evaluations = [("baselines", ["--systems", "base,untrained-collab"])]
-        for seed in seeds:
-            if "waltzrl" in methods:
-                run = out / f"waltzrl-s{seed}"
-                evaluations += [(f"warmstart-s{seed}", ["--systems", "waltzrl", "--adapters", str(run / "warmstart")]),
-                                (f"waltzrl-s{seed}", ["--systems", "waltzrl", "--adapters", str(run / "adapters")])]
-            if "single-agent" in methods:
-                run = out / f"single-agent-s{seed}"
-                evaluations += [(f"single-agent-s{seed}", ["--systems", "single-agent", "--single-agent-adapters",
-                                                           str(run / "adapters")])]
-        for name, system_flags in evaluations:
+
+    def evaluate(name, system_flags):  # one system on both test sets, each answer set re-judged by the second judge
+        found = []
+        for test_set, prompt_flags in TEST_SETS.items():
             folder = out / "eval" / test_set / name
             found.append((f"evaluate {name} on {test_set}", folder / "results.json",
                           python("eval.py", *prompt_flags, *system_flags, *LENGTHS, "--out", str(folder), "--resume")))
@@ -92,6 +79,22 @@ def steps(args: StudyArgs) -> list:
             found.append((f"re-judge {name} on {test_set} ({SECOND_JUDGE})", second / "results.json",
                           python("eval.py", "--rejudge", str(folder / "results.json"), "--judge", SECOND_JUDGE,
                                  "--out", str(second))))
+        return found
+
+    found = evaluate("baselines", ["--systems", "base,untrained-collab"])
+    for seed in seeds:
+        for method in methods:
+            run = out / f"{method}-s{seed}"
+            flags = ["--preset", "cpu", "--seed", str(seed), "--out", str(run), *args.train_args.split()]
+            flags += ["--single-agent"] if method == "single-agent" else []
+            found.append((f"train {method} seed {seed}", run / "adapters" / "manifest.json", train_command(run, flags)))
+        if "waltzrl" in methods:
+            run = out / f"waltzrl-s{seed}"
+            found += evaluate(f"warmstart-s{seed}", ["--systems", "waltzrl", "--adapters", str(run / "warmstart")])
+            found += evaluate(f"waltzrl-s{seed}", ["--systems", "waltzrl", "--adapters", str(run / "adapters")])
+        if "single-agent" in methods:
+            found += evaluate(f"single-agent-s{seed}", ["--systems", "single-agent", "--single-agent-adapters",
+                                                        str(out / f"single-agent-s{seed}" / "adapters")])
     return found
 
 

@@ -16,13 +16,18 @@ def results_file(path, systems: dict):
                                             for name, (asr, orr) in systems.items()}}))
 
 
-def test_steps_train_first_then_evaluate_each_system_on_both_test_sets_with_both_judges(tmp_path):
+def test_steps_baselines_then_seed_by_seed_each_system_on_both_test_sets_with_both_judges(tmp_path):
     found = steps(StudyArgs(seeds="0,1", out=str(tmp_path)))
     names = [name for name, _, _ in found]
-    assert names[:4] == ["train waltzrl seed 0", "train single-agent seed 0", "train waltzrl seed 1",
-                         "train single-agent seed 1"]
-    # per test set: baselines + 2 seeds x (warmstart, waltzrl, single-agent) = 7 evaluations, each re-judged
-    assert len(found) == 4 + 2 * 7 * 2
+    assert names[:4] == ["evaluate baselines on eval", "re-judge baselines on eval (default:embedding)",
+                         "evaluate baselines on heldout", "re-judge baselines on heldout (default:embedding)"]
+    assert names[4:6] == ["train waltzrl seed 0", "train single-agent seed 0"]
+    # seed 0's three systems (warmstart, waltzrl, single-agent) x 2 test sets x 2 judges come before seed 1's training
+    seed0 = names[6:18]
+    assert all("-s0 on " in n for n in seed0) and len(set(seed0)) == 12
+    assert {n.split()[1] for n in seed0} == {"warmstart-s0", "waltzrl-s0", "single-agent-s0"}
+    assert names[18] == "train waltzrl seed 1"
+    assert len(found) == 4 + 2 * (2 + 3 * 2 * 2)
     single = dict((name, command) for name, _, command in found)["train single-agent seed 1"]
     assert "--single-agent" in single and single[single.index("--seed") + 1] == "1"
     heldout = dict((name, command) for name, _, command in found)["evaluate warmstart-s1 on heldout"]

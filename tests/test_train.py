@@ -85,6 +85,14 @@ def test_advantages_normalised_over_batch_and_group_baseline():
     assert [s.advantage for s in samples] == pytest.approx([1.4142136, -1.4142136, 0.0, 0.0], abs=1e-5)
 
 
+def test_share_of_tied_groups_counts_prompts_whose_samples_all_scored_alike():
+    samples = [train.Sample("conversation", g, [1], [2], [0.0], r)
+               for g, r in [("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0)]]
+    # a: 1 vs 0 (signal); b: 1, 1 (tied); c: one sample (tied: nothing to compare with) -> 2 of 3 prompts
+    assert train.share_of_tied_groups(samples) == pytest.approx(2 / 3)
+    assert train.share_of_tied_groups(samples[:2]) == 0.0
+
+
 def test_make_samples_type_a_without_revision_and_feedback_rewards():
     turn = lambda ids: rollout.Turn("x", [1, 2], ids, [0.0] * len(ids), "t", 0.0, False)  # noqa: E731
     revised = rollout.Trajectory({"id": "r", "prompt": "p", "label": "harmful"}, [turn([5]), turn([6])], [turn([7])])
@@ -234,6 +242,7 @@ def test_log_checkpoint_and_resume(tiny_model_dir, tmp_path, toy_feedback):
                 "feedback/grad_norm", "feedback/sampling_logprob_mismatch", "tokens_per_s", "time_rollout", "time_judge", "time_update"):
         assert key in log[0] and math.isfinite(log[0][key]), key
     assert "conversation/kl" in log[1] and "conversation/kl" not in log[0]
+    assert 0.0 <= log[1]["conversation/tied_groups"] <= 1.0 and 0.0 <= log[0]["feedback/tied_groups"] <= 1.0
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["iteration"] == 2
     # Resume with a longer schedule: only the missing iteration runs, and the log keeps growing.
