@@ -109,6 +109,8 @@ class Args:
     stage2_iterations: int = 3  # stage 2: both agents train, lam = --stage2-lam (paper: 0; DIR stays gated)
     prompts_per_iteration: int = 6  # distinct prompts rolled out per iteration
     samples_per_prompt: int = 1  # trajectories per prompt; > 1 turns on the per-prompt group baseline
+    both_conversation_samples: bool = False  # a revised trajectory trains the conversation agent on both its first
+        # answer (type A) and its revision (type B), not one at random (our departure: more revision samples)
     # --- rollout
     max_rounds: int = 1  # T_max feedback rounds per trajectory (the paper uses 1)
     conversation_max_new_tokens: int = 48  # answer length limit
@@ -338,7 +340,7 @@ class Sample:
     advantage: float = 0.0
 
 
-def make_samples(trajectories, rewards, rng: random.Random) -> list:
+def make_samples(trajectories, rewards, rng: random.Random, both_conversation_samples: bool = False) -> list:
     """Decompose trajectories into single-agent samples (docs/method.md "Training": type A and type B samples)."""
     samples = []
     for traj, rew in zip(trajectories, rewards):
@@ -346,13 +348,16 @@ def make_samples(trajectories, rewards, rng: random.Random) -> list:
         for turn, parts in zip(traj.feedbacks, rew["feedback"]):
             samples.append(Sample("feedback", group, turn.context_ids, turn.action_ids, turn.sampling_logprobs,
                                   parts.total))
-        # One conversation sample per trajectory, type A or B at random: training on both would double-count
-        # the prompt; the random choice lets the agent learn to answer well first AND to use feedback.
-        use_revision = traj.revised and rng.random() < 0.5
-        index = len(traj.answers) - 1 if use_revision else 0
-        turn = traj.answers[index]
-        samples.append(Sample("conversation", group, turn.context_ids, turn.action_ids, turn.sampling_logprobs,
-                              rew["conversation"][index]))
+        # One conversation sample per trajectory, type A or B at random (the paper): the agent learns to answer
+        # well first AND to use feedback, and no prompt counts twice. --both-conversation-samples takes both.
+        if traj.revised and both_conversation_samples:
+            indices = [0, len(traj.answers) - 1]
+        else:
+            indices = [len(traj.answers) - 1 if traj.revised and rng.random() < 0.5 else 0]
+        for index in indices:
+            turn = traj.answers[index]
+            samples.append(Sample("conversation", group, turn.context_ids, turn.action_ids, turn.sampling_logprobs,
+                                  rew["conversation"][index]))
     return [s for s in samples if s.action_ids]  # an empty action has no token to train
 
 
@@ -609,7 +614,7 @@ def train(args: Args, judge=None, prompts=None, eval_prompts=None) -> dict:
             rewards = [trajectory_rewards(t, args.alpha, lam, args.gamma) for t in trajectories]  # 3. rewards
             loop.updating()  # the adapters are about to change: a stop request now waits for the end of the iteration
             began = time.perf_counter()
-            samples = make_samples(trajectories, rewards, rng)  # 4. samples
+            samples = make_samples(trajectories, rewards, rng, args.both_conversation_samples)  # 4. samples
             agent_stats = update_agents(run, args, samples, trained, rng)  # 5. advantages, 6. update
             timing["time_update"] = time.perf_counter() - began
             loop.complete(iteration_record(run, args, iteration, stage, lam, trajectories, rewards, timing,

@@ -109,6 +109,9 @@ def test_make_samples_type_a_without_revision_and_feedback_rewards():
         assert conv[1].action_ids == [8] and conv[1].reward == 1.0  # no revision -> always type A
         seen_types.add((tuple(conv[0].action_ids), conv[0].reward))
     assert seen_types == {((5,), 0.0), ((6,), 1.0)}  # revised trajectory: both types occur, each with its own R_c
+    samples = train.make_samples([revised, plain], rewards, train.random.Random(0), both_conversation_samples=True)
+    conv = [(s.group, s.action_ids, s.reward) for s in samples if s.agent == "conversation"]
+    assert conv == [("r", [5], 0.0), ("r", [6], 1.0), ("q", [8], 1.0)]  # both types of the revised one, type A alone
 
 
 def test_reference_equals_policy_at_step_zero(tiny_model_dir):
