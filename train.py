@@ -111,6 +111,9 @@ class Args:
     samples_per_prompt: int = 1  # trajectories per prompt; > 1 turns on the per-prompt group baseline
     both_conversation_samples: bool = False  # a revised trajectory trains the conversation agent on both its first
         # answer (type A) and its revision (type B), not one at random (our departure: more revision samples)
+    skip_tied_groups: bool = False  # leave prompts whose samples all got the same reward out of the update: under the
+        # group baseline their advantage is 0, so they add only KL terms and compute (our departure, as DAPO's
+        # dynamic sampling; it lets a run roll out more prompts per iteration for the same update cost)
     # --- rollout
     max_rounds: int = 1  # T_max feedback rounds per trajectory (the paper uses 1)
     conversation_max_new_tokens: int = 48  # answer length limit
@@ -380,13 +383,13 @@ def compute_advantages(samples, group_baseline: bool) -> None:
         s.advantage = (v - mean) / (std + 1e-6)  # all-equal rewards -> all-zero advantages: no signal, only KL
 
 
-def share_of_tied_groups(samples) -> float:
-    """The share of prompts whose samples all got the same reward: with the group baseline they teach nothing (only
-    the KL term moves them), so this is how much of a batch is signal-free."""
-    by_group = {}
+def tied_groups(samples) -> set:
+    """The prompts whose samples all got the same reward: under the group baseline their advantage is 0, so they
+    teach nothing (only the KL term moves them)."""
+    rewards = {}
     for s in samples:
-        by_group.setdefault(s.group, set()).add(s.reward)
-    return sum(len(rewards) == 1 for rewards in by_group.values()) / len(by_group)
+        rewards.setdefault(s.group, set()).add(s.reward)
+    return {group for group, values in rewards.items() if len(values) == 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -506,11 +509,17 @@ def update_agents(run, args, samples, trained, rng) -> dict:
         if not agent_samples:
             continue
         compute_advantages(agent_samples, group_baseline=args.samples_per_prompt > 1)
-        tied_groups = share_of_tied_groups(agent_samples)
+        tied = tied_groups(agent_samples)
+        tied_share = len(tied) / len({s.group for s in agent_samples})
+        if args.skip_tied_groups and args.samples_per_prompt > 1:
+            agent_samples = [s for s in agent_samples if s.group not in tied]
+            if not agent_samples:  # every prompt tied: nothing to learn from this batch
+                agent_stats[agent] = {"tied_groups": tied_share, "samples": 0}
+                continue
         score_samples(run.model, agent_samples, agent, args, run.tokenizer.pad_token_id, run.device)
         agent_stats[agent] = update_agent(run.model, run.optimizers[agent], agent, agent_samples, args,
                                           run.tokenizer.pad_token_id, run.device, rng)
-        agent_stats[agent]["tied_groups"] = tied_groups
+        agent_stats[agent]["tied_groups"] = tied_share
         if args.recompute_old_logprobs:  # how far sampling numerics are from the training forward
             gaps = [abs(a - b) for s in agent_samples for a, b in zip(s.sampling_logprobs, s.old_logprobs.tolist())]
             agent_stats[agent]["sampling_logprob_mismatch"] = max(gaps)
@@ -528,6 +537,7 @@ def batch_metrics(trajectories, rewards) -> dict:
     benign = [t for t in trajectories if t.prompt["label"] != "harmful"]
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {
+        "trajectories": len(trajectories),
         "conversation_reward_before": mean([r["conversation"][0] for r in rewards]),
         "conversation_reward_after": mean([r["conversation"][-1] for r in rewards]),
         "feedback_reward": mean([p.total for p in feedback_parts]),

@@ -206,7 +206,7 @@ def print_summary(summary: dict) -> None:
         for agent in ("feedback", "conversation"):
             kl = next((h[f"{agent}/kl"] for h in reversed(history) if f"{agent}/kl" in h), None)
             print(f"  {agent:28s} " + (f"{kl:.2e}" if kl is not None else "not trained in this run"))
-        batch = history[-1].get("feedback/samples") or history[-1].get("conversation/samples")
+        batch = history[-1].get("trajectories")
         print(f"Each iteration saw a batch of {batch or 'a few'} trajectories, so one prompt moves its rates by "
               f"1/{batch or 'n'}: a short run shows that training runs, not that it helps.\nFor a measured result see "
               f"README \"Results\": python train.py --preset cpu, then eval.py.")

@@ -85,12 +85,40 @@ def test_advantages_normalised_over_batch_and_group_baseline():
     assert [s.advantage for s in samples] == pytest.approx([1.4142136, -1.4142136, 0.0, 0.0], abs=1e-5)
 
 
-def test_share_of_tied_groups_counts_prompts_whose_samples_all_scored_alike():
+def test_tied_groups_are_the_prompts_whose_samples_all_scored_alike():
     samples = [train.Sample("conversation", g, [1], [2], [0.0], r)
                for g, r in [("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0)]]
-    # a: 1 vs 0 (signal); b: 1, 1 (tied); c: one sample (tied: nothing to compare with) -> 2 of 3 prompts
-    assert train.share_of_tied_groups(samples) == pytest.approx(2 / 3)
-    assert train.share_of_tied_groups(samples[:2]) == 0.0
+    # a: 1 vs 0 (signal); b: 1, 1 (tied); c: one sample (tied: nothing to compare with)
+    assert train.tied_groups(samples) == {"b", "c"}
+    assert train.tied_groups(samples[:2]) == set()
+
+
+def test_skip_tied_groups_updates_only_prompts_whose_rewards_differ(tiny_model_dir):
+    from types import SimpleNamespace
+    from nanowaltz.base_model import load_base
+    from nanowaltz.models import adapter_parameters, attach_agents
+    from nanowaltz.training_run import make_optimizers
+    base, tokenizer = load_base(tiny_model_dir)
+    model = attach_agents(base)
+
+    def update(rewards, skip):
+        samples = [train.Sample("conversation", group, [5, 6, 7], [8 + i, 9], [-1.0, -1.0], r)
+                   for i, (group, r) in enumerate(rewards)]
+        args = train.Args(samples_per_prompt=2, skip_tied_groups=skip, minibatch_size=4, micro_batch_size=4,
+                          conversation_lr=1e-2)
+        run = SimpleNamespace(model=model, optimizers=make_optimizers(model, args), tokenizer=tokenizer,
+                              device=torch.device("cpu"))
+        before = [p.detach().clone() for p in adapter_parameters(model, "conversation")]
+        stats = train.update_agents(run, args, samples, ["conversation"], train.random.Random(0))["conversation"]
+        moved = any(not torch.equal(a, p) for a, p in zip(before, adapter_parameters(model, "conversation")))
+        return stats, moved
+
+    stats, moved = update([("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0)], skip=True)
+    assert stats["samples"] == 2 and stats["tied_groups"] == 0.5 and moved  # prompt b left out
+    stats, _ = update([("a", 1.0), ("a", 0.0), ("b", 1.0), ("b", 1.0)], skip=False)
+    assert stats["samples"] == 4 and stats["tied_groups"] == 0.5
+    stats, moved = update([("a", 1.0), ("a", 1.0), ("b", 0.0), ("b", 0.0)], skip=True)
+    assert stats == {"tied_groups": 1.0, "samples": 0} and not moved  # nothing to learn: no step at all
 
 
 def test_make_samples_type_a_without_revision_and_feedback_rewards():
@@ -447,7 +475,7 @@ def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
     def record(stage, fmt, ftr, **agents):
         return {"stage": stage, "format_rate": fmt, "label_accuracy": float("nan"), "ftr": ftr,
                 "conversation_reward_after": 1.0, "time_rollout": 30.0, "time_judge": 1.0, "time_update": 10.0,
-                "feedback/samples": 6, **agents}
+                "trajectories": 6, **agents}
 
     history = [record(1, 0.5, 0.0, **{"feedback/kl": 0.0}), record(2, 1.0, 0.5, **{"feedback/kl": 2e-3})]
     train.print_summary({"history": history, "log": "run/log.jsonl", "adapters": "run/adapters"})
@@ -464,7 +492,7 @@ def test_print_summary_shows_run_means_and_kl_not_first_vs_last(capsys):
 def test_print_summary_of_a_single_agent_run_shows_no_feedback_rates_and_the_right_eval_flag(capsys):
     history = [{"stage": 2, "format_rate": float("nan"), "label_accuracy": float("nan"), "ftr": 0.0,
                 "conversation_reward_after": 0.5, "time_rollout": 30.0, "time_judge": 1.0, "time_update": 10.0,
-                "conversation/samples": 32, "conversation/kl": 1e-2}]
+                "trajectories": 32, "conversation/kl": 1e-2}]
     train.print_summary({"history": history, "log": "run/log.jsonl", "adapters": "run/adapters",
                          "single_agent": True})
     out = capsys.readouterr().out
