@@ -199,7 +199,6 @@ def test_saving_adapters_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypa
     network request per save, and a warning at every checkpoint when offline. We never train the embeddings."""
     import warnings
 
-    import peft.utils.other
     import peft.utils.save_and_load
 
     asked = []
@@ -207,7 +206,6 @@ def test_saving_adapters_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypa
         asked.append((repo_id, filename))
         return None
     monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
-    monkeypatch.setattr(peft.utils.other, "check_file_exists_on_hf_hub", no_hub)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     model, _, _ = trained_looking_agents(tiny_model_dir, seed=1)
     for agent in AGENTS:  # as for a model loaded by hub id
